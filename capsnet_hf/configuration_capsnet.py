@@ -103,6 +103,9 @@ class CapsNetConfig(PreTrainedConfig):
         **kwargs,
     ):
         kwargs.setdefault("problem_type", "multi_label_classification")
+        # save_pretrained adds the config and model classes; the processor entry lets AutoImageProcessor find
+        # the remote code from config.json too (the processor saves image_processing_capsnet.py beside it).
+        kwargs.setdefault("auto_map", {"AutoImageProcessor": "image_processing_capsnet.CapsNetImageProcessor"})
         if "num_labels" not in kwargs and "id2label" not in kwargs:
             kwargs["num_labels"] = 10
         super().__init__(**kwargs)

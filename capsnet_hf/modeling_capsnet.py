@@ -1,0 +1,469 @@
+"""PyTorch CapsNet of "Dynamic Routing Between Capsules" (Sabour, Frosst & Hinton, 2017).
+
+Equation numbers refer to the paper. Shapes: B batch, C/H/W image, I input (primary) capsules, J output (class)
+capsules, A primary-capsule dimension (8), K class-capsule dimension (16), M ensemble members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_capsnet import CapsNetConfig, tf_same_padding
+
+LOGIT_EPSILON = 1e-6
+
+
+def squash(inputs: torch.Tensor, dim: int = -1, epsilon: float = 1e-9) -> torch.Tensor:
+    """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, in float32 whatever the input dtype.
+
+    `epsilon` sits under the square root so that the value and the gradient are finite (zero) at s = 0.
+    """
+    inputs = inputs.float()
+    squared_norm = inputs.pow(2).sum(dim, keepdim=True)
+    return inputs * (squared_norm / ((1.0 + squared_norm) * torch.sqrt(squared_norm + epsilon)))
+
+
+def capsule_length(capsules: torch.Tensor, dim: int = -1, epsilon: float = 1e-9) -> torch.Tensor:
+    """|v|: the probability that a capsule's entity is present, in float32, finite gradient at 0."""
+    return torch.sqrt(capsules.float().pow(2).sum(dim) + epsilon)
+
+
+def routing_softmax(logits: torch.Tensor, dim: int, leaky: bool) -> torch.Tensor:
+    """Eq. 3, softmax over the parent capsules. With `leaky`, a parent with logit 0 is added and its share dropped."""
+    if not leaky:
+        return torch.softmax(logits, dim=dim)
+    leak = torch.zeros_like(logits.narrow(dim, 0, 1))
+    return torch.softmax(torch.cat([leak, logits], dim=dim), dim=dim).narrow(dim, 1, logits.shape[dim])
+
+
+def dynamic_routing(
+    votes: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_iterations: int,
+    leaky: bool = False,
+    detach_inner_votes: bool = False,
+    epsilon: float = 1e-9,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing-by-agreement (Procedure 1) on votes u_hat laid out parent-major.
+
+    Args:
+        votes: [B, J, I, K], u_hat_{j|i} (Eq. 2).
+        bias: [J, K] or None, added to every s_j before the squash in every iteration (official code).
+    Returns:
+        poses v_j [B, J, K] (float32) and the coupling coefficients c_ij of the last iteration [B, J, I].
+    """
+    batch_size, num_parents, num_children, _ = votes.shape
+    logits = votes.new_zeros(batch_size, num_parents, num_children, dtype=torch.float32)
+    inner_votes = votes.detach() if detach_inner_votes else votes
+    for iteration in range(num_iterations):
+        is_last = iteration == num_iterations - 1
+        iteration_votes = votes if is_last else inner_votes
+        coupling = routing_softmax(logits, dim=1, leaky=leaky)
+        # s_j = sum_i c_ij u_hat_{j|i} (Eq. 2): [B, J, 1, I] @ [B, J, I, K] -> [B, J, K]
+        preactivations = torch.matmul(coupling.unsqueeze(2).to(votes.dtype), iteration_votes).squeeze(2)
+        if bias is not None:
+            preactivations = preactivations + bias
+        poses = squash(preactivations, epsilon=epsilon)
+        if not is_last:
+            # b_ij += u_hat_{j|i} . v_j: [B, J, I, K] @ [B, J, K, 1] -> [B, J, I]
+            logits = logits + torch.matmul(iteration_votes, poses.unsqueeze(-1).to(votes.dtype)).squeeze(-1)
+    return poses, coupling
+
+
+def margin_loss(
+    capsule_lengths: torch.Tensor,
+    targets: torch.Tensor,
+    margin_positive: float = 0.9,
+    margin_negative: float = 0.1,
+    downweight: float = 0.5,
+    reduction: str = "official",
+) -> torch.Tensor:
+    """Eq. 4 on lengths [B, J] and multi-hot targets [B, J]; averaged over the batch.
+
+    `reduction="paper"` sums over classes as in Eq. 4; `"official"` takes 0.5 x the mean over classes, as the
+    official code that trained the released models.
+    """
+    targets = targets.to(capsule_lengths.dtype)
+    present = targets * F.relu(margin_positive - capsule_lengths).pow(2)
+    absent = downweight * (1.0 - targets) * F.relu(capsule_lengths - margin_negative).pow(2)
+    per_class = present + absent
+    if reduction == "paper":
+        return per_class.sum(-1).mean()
+    return 0.5 * per_class.mean()
+
+
+def reconstruction_loss(reconstructions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-image sum of squared errors, averaged over the batch (section 4.1). Any shape [B, ...]."""
+    return (reconstructions.float() - targets.float()).pow(2).flatten(1).sum(-1).mean()
+
+
+@dataclass
+class CapsNetModelOutput(ModelOutput):
+    """
+    Args:
+        capsule_poses (`torch.FloatTensor` of shape `(batch_size, num_labels, capsule_dim)`):
+            The class capsules' activity vectors v_j (an ensemble adds a member axis at dim 1).
+        capsule_lengths (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            |v_j|, the paper's class scores (an ensemble's mean over its members).
+        primary_capsules (`torch.FloatTensor` of shape `(batch_size, num_primary_capsules, primary_capsule_dim)`):
+            Squashed primary capsules, returned with `output_primary_capsules=True`.
+        routing_weights (`torch.FloatTensor` of shape `(batch_size, num_primary_capsules, num_labels)`):
+            Coupling coefficients c_ij of the last routing iteration, returned with `output_routing_weights=True`.
+    """
+
+    capsule_poses: torch.FloatTensor | None = None
+    capsule_lengths: torch.FloatTensor | None = None
+    primary_capsules: torch.FloatTensor | None = None
+    routing_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class CapsNetImageClassifierOutput(ImageClassifierOutput):
+    """
+    Args:
+        loss: margin loss + reconstruction_loss_weight x reconstruction loss, when `labels` is given.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            log(l) - log(1 - l) of the capsule lengths l (clamped to [1e-6, 1 - 1e-6]): `sigmoid(logits)` equals the
+            capsule lengths and ranking by logits is ranking by length.
+        capsule_lengths (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the paper's class scores.
+        capsule_poses (`torch.FloatTensor` of shape `(batch_size, num_labels, capsule_dim)`): class capsules.
+        reconstructions (`torch.FloatTensor`): decoder output, `(batch_size, channels, height, width)` masked by the
+            label (or the predicted class without labels); with multi-hot labels `(batch_size, K, channels, height,
+            width)`, one per present class in increasing class order (K = most classes present in one example;
+            missing slots are zeros).
+        margin_loss, reconstruction_loss: the two loss terms (reconstruction_loss unweighted), when `labels` is given.
+        primary_capsules, routing_weights: as in [`CapsNetModelOutput`], on request.
+    """
+
+    capsule_lengths: torch.FloatTensor | None = None
+    capsule_poses: torch.FloatTensor | None = None
+    reconstructions: torch.FloatTensor | None = None
+    margin_loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    primary_capsules: torch.FloatTensor | None = None
+    routing_weights: torch.FloatTensor | None = None
+
+
+class CapsNetConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow padding: "valid", or "same" with the odd extra row/column at the bottom/right."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: str, bias: bool = True
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+        self.tf_padding = padding
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.tf_padding == "same":
+            kernel_size, stride = self.kernel_size[0], self.stride[0]
+            top, bottom = tf_same_padding(hidden_states.shape[-2], kernel_size, stride)
+            left, right = tf_same_padding(hidden_states.shape[-1], kernel_size, stride)
+            hidden_states = F.pad(hidden_states, (left, right, top, bottom))
+        return super().forward(hidden_states)
+
+
+class CapsNetPrimaryCapsules(nn.Module):
+    """PrimaryCaps: a strided conv whose N*A channels form N capsule types of dimension A, squashed.
+
+    As in the official code (which routes them once with all-zero logits), the conv output is multiplied by the
+    softmax weight 1/N (1/(N+1) with leaky routing) before the unscaled bias [N, A] is added.
+    [B, C1, H1, W1] -> [B, N*H*W, A], flattened type-major: i = type*H*W + y*W + x.
+    """
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        self.num_types = config.primary_capsule_types
+        self.capsule_dim = config.primary_capsule_dim
+        self.epsilon = config.squash_epsilon
+        self.conv = CapsNetConv2d(
+            config.conv1_channels,
+            self.num_types * self.capsule_dim,
+            config.primary_kernel_size,
+            config.primary_stride,
+            config.padding,
+            bias=False,
+        )
+        self.bias = nn.Parameter(torch.empty(self.num_types, self.capsule_dim))
+        self.routing_scale = 1.0 / (self.num_types + int(config.leaky_routing))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv(features) * self.routing_scale
+        batch_size, _, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, self.num_types, self.capsule_dim, height, width)
+        hidden_states = hidden_states + self.bias[None, :, :, None, None]
+        hidden_states = hidden_states.permute(0, 1, 3, 4, 2).reshape(batch_size, -1, self.capsule_dim)
+        return squash(hidden_states, epsilon=self.epsilon)
+
+
+class CapsNetClassCapsules(nn.Module):
+    """DigitCaps: one [K, A] transformation matrix per (input capsule, class) and routing-by-agreement.
+
+    Weight W [I, J, K, A] gives the votes u_hat[b, i, j, k] = sum_a u[b, i, a] W[i, j, k, a] (Eq. 2).
+    """
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        self.num_classes = config.num_labels
+        self.capsule_dim = config.capsule_dim
+        self.routing_iterations = config.routing_iterations
+        self.leaky_routing = config.leaky_routing
+        self.detach_inner_votes = config.detach_inner_votes
+        self.epsilon = config.squash_epsilon
+        self.weight = nn.Parameter(
+            torch.empty(config.num_primary_capsules, self.num_classes, self.capsule_dim, config.primary_capsule_dim)
+        )
+        self.bias = nn.Parameter(torch.empty(self.num_classes, self.capsule_dim)) if config.routing_bias else None
+
+    def compute_votes(self, primary_capsules: torch.Tensor) -> torch.Tensor:
+        """[B, I, A] -> votes [B, J, I, K], one batched matmul over the input capsules (no per-example weights)."""
+        num_inputs, _, _, input_dim = self.weight.shape
+        batch_size = primary_capsules.shape[0]
+        weight = self.weight.permute(0, 3, 1, 2).reshape(num_inputs, input_dim, -1)  # [I, A, J*K]
+        votes = torch.bmm(primary_capsules.transpose(0, 1).to(weight.dtype), weight)  # [I, B, J*K]
+        votes = votes.view(num_inputs, batch_size, self.num_classes, self.capsule_dim)
+        return votes.permute(1, 2, 0, 3).contiguous()
+
+    def forward(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]."""
+        return dynamic_routing(
+            self.compute_votes(primary_capsules),
+            self.bias,
+            self.routing_iterations,
+            leaky=self.leaky_routing,
+            detach_inner_votes=self.detach_inner_votes,
+            epsilon=self.epsilon,
+        )
+
+
+class CapsNetEncoder(nn.Module):
+    """One CapsNet from pixels to class capsules: Conv1 (ReLU) -> PrimaryCaps -> DigitCaps (Figure 1)."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        self.conv1 = CapsNetConv2d(
+            config.num_channels, config.conv1_channels, config.conv1_kernel_size, 1, config.padding
+        )
+        self.primary_capsules = CapsNetPrimaryCapsules(config)
+        self.class_capsules = CapsNetClassCapsules(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, C, H, W] -> poses [B, J, K], primary capsules [B, I, A], coupling coefficients [B, J, I]."""
+        primary_capsules = self.primary_capsules(F.relu(self.conv1(pixel_values)))
+        poses, coupling = self.class_capsules(primary_capsules)
+        return poses, primary_capsules, coupling
+
+
+class CapsNetDecoder(nn.Module):
+    """Reconstruction network (Figure 2): masked class capsules [B, J*K] -> FC ReLU ... -> FC sigmoid -> image."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        sizes = [config.num_labels * config.capsule_dim, *config.decoder_hidden_sizes, config.decoder_output_size]
+        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True))
+        self.image_shape = (config.num_channels, *config.image_size)
+
+    def forward(self, masked_poses: torch.Tensor) -> torch.Tensor:
+        hidden_states = masked_poses.flatten(1)
+        for layer in self.layers[:-1]:
+            hidden_states = F.relu(layer(hidden_states))
+        pixels = torch.sigmoid(self.layers[-1](hidden_states))
+        return pixels.view(-1, *self.image_shape)
+
+
+class CapsNetPreTrainedModel(PreTrainedModel):
+    config_class = CapsNetConfig
+    config: CapsNetConfig
+    base_model_prefix = "capsnet"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Official initialisation: truncated normal (cut at 2 std), biases constant."""
+
+        def truncated_normal(tensor: torch.Tensor, std: float) -> None:
+            init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+        config = self.config
+        if isinstance(module, CapsNetConv2d) and module.bias is not None:
+            # conv1; the bias-free primary conv is initialised with its capsule layer below.
+            truncated_normal(module.weight, config.conv1_initializer_range)
+            init.constant_(module.bias, config.bias_init)
+        elif isinstance(module, CapsNetPrimaryCapsules):
+            truncated_normal(module.conv.weight, config.initializer_range)
+            init.constant_(module.bias, config.bias_init)
+        elif isinstance(module, CapsNetClassCapsules):
+            truncated_normal(module.weight, config.initializer_range)
+            if module.bias is not None:
+                init.constant_(module.bias, config.bias_init)
+        elif isinstance(module, nn.Linear):
+            truncated_normal(module.weight, config.initializer_range)
+            init.constant_(module.bias, config.bias_init)
+
+
+class CapsNetModel(CapsNetPreTrainedModel):
+    """CapsNet without the decoder: pixels -> class capsules. Holds `num_ensemble_members` independent encoders."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__(config)
+        self.members = nn.ModuleList(CapsNetEncoder(config) for _ in range(config.num_ensemble_members))
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_primary_capsules: bool = False,
+        output_routing_weights: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CapsNetModelOutput | tuple:
+        """
+        pixel_values [B, C, H, W] -> capsule_poses [B, J, K] ([B, M, J, K] for an ensemble), capsule_lengths
+        [B, J]; optionally primary_capsules [B, I, A] and routing_weights [B, I, J] (member axis at dim 1 likewise).
+        """
+        expected = (self.config.num_channels, *self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] for this model, "
+                f"got {list(pixel_values.shape)} (use CapsNetImageProcessor to prepare images)"
+            )
+        results = [member(pixel_values) for member in self.members]
+        poses, primary, coupling = (torch.stack(parts, dim=1) for parts in zip(*results, strict=True))
+        lengths = capsule_length(poses, epsilon=self.config.squash_epsilon).mean(1)
+        if len(self.members) == 1:
+            poses, primary, coupling = poses[:, 0], primary[:, 0], coupling[:, 0]
+        output = CapsNetModelOutput(
+            capsule_poses=poses,
+            capsule_lengths=lengths,
+            primary_capsules=primary if output_primary_capsules else None,
+            routing_weights=coupling.transpose(-1, -2) if output_routing_weights else None,
+        )
+        use_return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if use_return_dict else output.to_tuple()
+
+
+class CapsNetForImageClassification(CapsNetPreTrainedModel):
+    """CapsNet with the reconstruction decoder and the margin + reconstruction loss (section 4.1)."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__(config)
+        self.capsnet = CapsNetModel(config)
+        self.decoder = CapsNetDecoder(config) if config.use_decoder else None
+        self.post_init()
+
+    def reconstruct(self, capsule_poses: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
+        """Decode class capsules [B, J, K] kept by a one-/multi-hot mask [B, J] into images [B, C, H, W]."""
+        if self.decoder is None:
+            raise ValueError("this model has no decoder (config.use_decoder=False)")
+        masked = capsule_poses * class_mask.to(capsule_poses.dtype).unsqueeze(-1)
+        return self.decoder(masked.to(self.decoder.layers[0].weight.dtype))
+
+    def _reconstruct_each_class(self, capsule_poses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One reconstruction per present class of multi-hot targets [B, J], in class order: [B, K, C, H, W]."""
+        num_classes = targets.shape[-1]
+        present = targets > 0.5
+        slots = max(int(present.sum(-1).max()), 1)
+        # Rank present classes first, lower class index first, to pick them in increasing class order.
+        rank = present * (num_classes - torch.arange(num_classes, device=targets.device))
+        rank_values, classes = rank.topk(slots, dim=-1)
+        valid = (rank_values > 0).to(capsule_poses.dtype)
+        images = [
+            self.reconstruct(capsule_poses, F.one_hot(classes[:, k], num_classes) * valid[:, k, None])
+            * valid[:, k, None, None, None]
+            for k in range(slots)
+        ]
+        return torch.stack(images, dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        reconstruction_targets: torch.Tensor | None = None,
+        output_primary_capsules: bool = False,
+        output_routing_weights: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CapsNetImageClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)` or multi-hot `(batch_size, num_labels)`, *optional*):
+            Class indices, or multi-hot targets for several objects per image (MultiMNIST).
+        reconstruction_targets (`torch.FloatTensor`, *optional*):
+            What the decoder must reproduce: `(batch_size, C, H, W)` for class-index labels (default: `pixel_values`);
+            `(batch_size, K, C, H, W)` for multi-hot labels, one image per present class in increasing class order
+            (default: the sum of the per-class reconstructions, clipped to 1, is compared with `pixel_values`).
+        """
+        outputs = self.capsnet(
+            pixel_values,
+            output_primary_capsules=output_primary_capsules,
+            output_routing_weights=output_routing_weights,
+            return_dict=True,
+        )
+        lengths = outputs.capsule_lengths
+        num_classes = lengths.shape[-1]
+        multi_hot = labels is not None and labels.dim() == 2
+        if labels is None:
+            targets = None
+        elif multi_hot:
+            targets = labels.to(lengths.dtype)
+        else:
+            targets = F.one_hot(labels.long(), num_classes).to(lengths.dtype)
+
+        reconstructions = None
+        if self.decoder is not None:
+            if multi_hot:
+                reconstructions = self._reconstruct_each_class(outputs.capsule_poses, targets)
+            else:
+                mask = targets if targets is not None else F.one_hot(lengths.argmax(-1), num_classes)
+                reconstructions = self.reconstruct(outputs.capsule_poses, mask)
+
+        loss = margin = recon_loss = None
+        if targets is not None:
+            config = self.config
+            margin = margin_loss(
+                lengths,
+                targets,
+                config.margin_positive,
+                config.margin_negative,
+                config.margin_downweight,
+                config.margin_loss_reduction,
+            )
+            loss = margin
+            if reconstructions is not None:
+                if reconstruction_targets is not None:
+                    recon_loss = reconstruction_loss(reconstructions, reconstruction_targets)
+                elif multi_hot:
+                    recon_loss = reconstruction_loss(reconstructions.sum(1).clamp(max=1.0), pixel_values)
+                else:
+                    recon_loss = reconstruction_loss(reconstructions, pixel_values)
+                loss = margin + config.reconstruction_loss_weight * recon_loss
+
+        output = CapsNetImageClassifierOutput(
+            loss=loss,
+            logits=torch.logit(lengths, eps=LOGIT_EPSILON),
+            capsule_lengths=lengths,
+            capsule_poses=outputs.capsule_poses,
+            reconstructions=reconstructions,
+            margin_loss=margin,
+            reconstruction_loss=recon_loss,
+            primary_capsules=outputs.primary_capsules,
+            routing_weights=outputs.routing_weights,
+        )
+        use_return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if use_return_dict else output.to_tuple()
+
+
+__all__ = [
+    "CapsNetForImageClassification",
+    "CapsNetModel",
+    "CapsNetPreTrainedModel",
+    "CapsNetModelOutput",
+    "CapsNetImageClassifierOutput",
+]
