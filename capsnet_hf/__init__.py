@@ -1,5 +1,35 @@
-"""capsnet-hf: CapsNet (Sabour, Frosst & Hinton, 2017) as Hugging Face transformers models."""
+"""capsnet-hf: CapsNet (Sabour, Frosst & Hinton, 2017) as Hugging Face transformers models.
+
+Importing the package registers the config, both models and the image processor with transformers' Auto classes,
+and marks them for export so that `save_pretrained` writes the code and an `auto_map` for `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_capsnet import CapsNetConfig
+from .modeling_capsnet import (
+    CapsNetForImageClassification,
+    CapsNetImageClassifierOutput,
+    CapsNetModel,
+    CapsNetModelOutput,
+    CapsNetPreTrainedModel,
+)
 
-__all__ = ["CapsNetConfig"]
+AutoConfig.register(CapsNetConfig.model_type, CapsNetConfig, exist_ok=True)
+AutoModel.register(CapsNetConfig, CapsNetModel, exist_ok=True)
+AutoModelForImageClassification.register(CapsNetConfig, CapsNetForImageClassification, exist_ok=True)
+
+CapsNetConfig.register_for_auto_class()
+CapsNetModel.register_for_auto_class("AutoModel")
+CapsNetForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CapsNetConfig",
+    "CapsNetForImageClassification",
+    "CapsNetImageClassifierOutput",
+    "CapsNetModel",
+    "CapsNetModelOutput",
+    "CapsNetPreTrainedModel",
+]

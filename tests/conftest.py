@@ -1,0 +1,45 @@
+"""Shared test set-up: offline Hub, small threads, paths to fixtures and the shared datasets."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def mnist_fixture_images():
+    """The three real MNIST test digits in tests/fixtures as (PIL image, label) pairs."""
+    from PIL import Image
+
+    return [(Image.open(FIXTURES / f"mnist_{label}.png"), label) for label in (7, 2, 1)]
+
+
+def small_config(**overrides):
+    """A CapsNet small enough for fast CPU tests: 1x16x16, 8/4 channels, 2 primary types on a 4x4 grid (I = 32)."""
+    from capsnet_hf import CapsNetConfig
+
+    values = dict(
+        image_size=16,
+        conv1_channels=8,
+        conv1_kernel_size=5,
+        primary_capsule_types=2,
+        primary_capsule_dim=4,
+        primary_kernel_size=5,
+        primary_stride=2,
+        capsule_dim=6,
+        decoder_hidden_sizes=[16, 32],
+        num_labels=4,
+    )
+    values.update(overrides)
+    return CapsNetConfig(**values)
