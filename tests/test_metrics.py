@@ -1,0 +1,70 @@
+"""Tests of the evaluation metrics on hand-made examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet_hf.metrics import (
+    accuracy,
+    confusion_matrix,
+    error_rate,
+    label_sets,
+    multi_digit_correct,
+    multi_digit_error,
+    top_k_classes,
+)
+
+# Four examples of 5 classes. Labels {1, 3} each.
+SCORES = torch.tensor(
+    [
+        [0.1, 0.9, 0.2, 0.8, 0.0],  # top-2 = {1, 3}: correct
+        [0.1, 0.9, 0.85, 0.8, 0.0],  # top-2 = {1, 2}: wrong (the second digit is missed)
+        [0.1, 0.7, 0.2, 0.95, 0.3],  # top-2 = {1, 3} in the other order: correct
+        [0.9, 0.1, 0.2, 0.3, 0.95],  # top-2 = {0, 4}: wrong
+    ]
+)
+TWO_HOT = torch.zeros(4, 5)
+TWO_HOT[:, [1, 3]] = 1.0
+
+
+def test_top_k_classes_are_sorted_by_class():
+    assert top_k_classes(SCORES, 2).tolist() == [[1, 3], [1, 2], [1, 3], [0, 4]]
+
+
+def test_multi_digit_metric_with_two_hot_and_pair_labels():
+    assert multi_digit_correct(SCORES, TWO_HOT).tolist() == [True, False, True, False]
+    pairs = torch.tensor([[3, 1], [1, 3], [1, 3], [3, 1]])
+    assert multi_digit_correct(SCORES, pairs).tolist() == [True, False, True, False]
+    assert multi_digit_error(SCORES, TWO_HOT) == pytest.approx(50.0)
+    assert multi_digit_error(SCORES.numpy(), TWO_HOT.numpy()) == pytest.approx(50.0)
+    # One right digit out of two is still an error.
+    assert multi_digit_error(torch.tensor([[0.0, 0.9, 0.0, 0.0, 0.8]]), torch.tensor([[1, 3]])) == 100.0
+
+
+def test_label_sets_validation():
+    assert label_sets(TWO_HOT, 5).tolist() == [[1, 3]] * 4
+    with pytest.raises(ValueError, match="exactly 2"):
+        label_sets(torch.tensor([[1.0, 0, 0, 0, 0]]), 5)
+    with pytest.raises(ValueError, match="distinct"):
+        label_sets(torch.tensor([[2, 2]]), 5)
+
+
+def test_accuracy_and_error_rate():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([0, 1, 2, 1])
+    assert accuracy(scores, labels) == pytest.approx(0.75)
+    assert error_rate(scores, labels) == pytest.approx(25.0)
+    one_hot = torch.nn.functional.one_hot(labels, 3)
+    assert accuracy(scores, one_hot) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="score rows"):
+        accuracy(scores, labels[:3])
+
+
+def test_confusion_matrix():
+    matrix = confusion_matrix(np.array([0, 1, 2, 0, 2]), [0, 1, 1, 0, 2], num_classes=3)
+    assert matrix.tolist() == [[2, 0, 0], [0, 1, 1], [0, 0, 1]]
+    assert matrix.sum().item() == 5
+    with pytest.raises(ValueError, match="lie in"):
+        confusion_matrix([3], [0], num_classes=3)
