@@ -50,7 +50,8 @@ class CapsNetImageProcessorKwargs(ImagesKwargs, total=False):
         Per-image standardization computed on the 0..255 pixel scale, as TensorFlow's `per_image_standardization`
         (replaces rescaling).
     do_invert (`bool`, *optional*, defaults to `self.do_invert`):
-        Invert intensities (x -> 1 - x on the 0..1 scale) before everything else, for dark-on-light drawings.
+        Invert intensities (x -> 1 - x on the 0..1 scale) before resizing/padding and standardization, for
+        dark-on-light drawings.
     """
 
     num_channels: int
@@ -71,9 +72,10 @@ class CapsNetImageProcessor(PilBackend):
        I;16* and I, uint16 arrays) on 0..65535; floating-point data (float arrays/tensors, PIL mode F) on 0..1;
        booleans (PIL mode 1) on {0, 1}. Values outside that range, NaN and infinities raise `ValueError`. So float
        input already in [0, 1] is never rescaled twice: a uint8 image and the same image divided by 255 give the
-       same output. Arrays are `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1..4 (gray, gray+alpha, RGB, RGBA);
-       the layout is inferred from which end has a size in 1..4 and, when both ends do (e.g. `(3, 4, 4)`), must be
-       given as `input_data_format`. A 4-D array/tensor is a batch; so is a (nested) list.
+       same output (up to float rounding). Arrays are `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1..4 (gray,
+       gray+alpha, RGB, RGBA); the layout is inferred from which end has a size in 1..4 and, when both ends do
+       (e.g. `(3, 4, 4)`), must be given as `input_data_format`. A 4-D array/tensor is a batch; so is a (nested)
+       list; a string is a local file (opened keeping its mode, e.g. 16-bit) or a URL.
     2. **Convert** to `num_channels`: alpha is composited on black (colour x alpha), then 3 -> 1 channel by the
        ITU-R 601-2 luma weights of PIL's "L" conversion (computed in floating point, so a PIL image and its
        `np.asarray` give identical outputs) and 1 -> 3 by replication.
@@ -186,7 +188,7 @@ class CapsNetImageProcessor(PilBackend):
         """Flatten one image, a 4-D batch or (nested) lists of them into a list of single images."""
         flat = _flatten_images(images)
         if not flat:
-            raise ValueError("no images were given (empty list)")
+            raise ValueError("no images were given (empty list or batch)")
         return flat
 
     def _prepare_image_like_inputs(self, images: Any, *args, expected_ndims: int = 3, **kwargs) -> list[np.ndarray]:

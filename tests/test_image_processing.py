@@ -96,7 +96,7 @@ def test_paths_are_loaded_keeping_their_mode(digits, tmp_path):
 
 
 def _palette_image(gray: np.ndarray) -> Image.Image:
-    image = Image.fromarray(gray, mode="L").convert("P")
+    image = Image.new("P", (gray.shape[1], gray.shape[0]))
     image.putpalette([value for level in range(256) for value in (level, level, level)])
     image.putdata(gray.ravel().tolist())
     return image
