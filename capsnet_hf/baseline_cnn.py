@@ -85,7 +85,11 @@ class BaselineCNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(width, num_labels)
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: object
+    ) -> ImageClassifierOutput:
+        """Extra keyword arguments (other keys of a data-set batch, e.g. the affNIST-style `transforms`) are ignored,
+        as by the CapsNet models, so both train with `model(**batch)`."""
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(
                 f"pixel_values must be [B, C, {self.image_size}, {self.image_size}], got {tuple(pixel_values.shape)}"
