@@ -9,7 +9,7 @@
 
 Every generator is deterministic given its seed and the example index: example `k` depends only on `(seed, k)`,
 through a counter-based integer hash evaluated on the generator's device, so any batch can be produced on demand
-(no disk, no state) and the same index gives the same example on CPU and GPU. Each generator holds the source digits
+(no disk, no state); the random draws are integer arithmetic, identical on every device. Each generator holds the source digits
 as a uint8 tensor `[N, 28, 28]` and returns float32 images in [0, 1].
 """
 
@@ -299,10 +299,12 @@ class AffNISTStyle(_DigitGenerator):
         each in [0.8, 1.2], composed as rotation @ shear @ scale about the centre of the 28x28 digit; then a
         translation, uniform over the positions where the transformed digit's ink bounding box lies inside the
         40x40 canvas (centred when it does not fit).
-    These are the ranges that the affNIST page (https://www.cs.toronto.edu/~tijmen/affNIST/, Tijmen Tieleman)
-    states for its transformations, as recalled by the author of this module: the stored copy of that page that
-    could be searched offline only contained its introduction (40x40 images, "various reasonable affine
-    transformations", "significant translations"), so the ranges could not be re-checked; they are arguments.
+    Source of the ranges: the affNIST page (https://www.cs.toronto.edu/~tijmen/affNIST/, Tijmen Tieleman) lists
+    rotation, shearing, vertical and horizontal scaling and translation as its transformations; the values above
+    are those ranges as recalled when this module was written, NOT re-checked against the page: the only copy of
+    the page reachable offline held its introduction alone (40x40 images, "various reasonable affine
+    transformations", "significant translations"). Every range is a constructor argument, so a confirmed value is
+    a one-argument change.
     The image is resampled bilinearly (values stay in [0, 1]); affNIST's own resampling method is not known here.
 
     Example `k` is digit `k % N` in transformation variant `k // N`.
@@ -390,10 +392,12 @@ class AffNISTStyle(_DigitGenerator):
 def load_affnist_mat(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read one of the real affNIST `.mat` files (MATLAB v5, `scipy.io.loadmat`).
 
-    The files hold a struct `affNISTdata` whose fields include `image` (`[1600, N]` uint8: one 40x40 image per
-    column, its 1600 values in row-major order, as the public affNIST loaders reshape them), `label_int` (`[1, N]`),
-    `label_one_of_n` (`[10, N]`) and the transformation fields (`affine_transform`, `inverse_affine_transform`,
-    `human_readable_transform`, one column per image). Fields are looked up by name.
+    The files hold a struct `affNISTdata` with one column per image: `image` (`[1600, N]` uint8, each column a 40x40
+    image in row-major order, as the public affNIST loaders reshape it), `label_int` (`[1, N]`), `label_one_of_n`
+    (`[10, N]`) and transformation fields (`affine_transform`, `inverse_affine_transform`,
+    `human_readable_transform`). Public loaders that index the struct by position read `image` at field 2,
+    `label_one_of_n` at 4 and `label_int` at 5 (one notes 8 fields in all); this loader looks fields up by name
+    and keeps every other per-image field whatever its name.
 
     Returns images `[N, 40, 40]` uint8 and labels `[N]` int64, plus every other per-image field present, transposed
     to one row per image (e.g. `label_one_of_n` `[N, 10]`).

@@ -256,6 +256,9 @@ def save_png(figure: Figure, path: str | os.PathLike, dpi: int = DEFAULT_DPI) ->
     os.close(handle)
     try:
         figure.savefig(temporary, format="png", dpi=dpi)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

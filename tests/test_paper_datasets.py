@@ -224,8 +224,9 @@ def test_place_digits_cuts_outside_the_canvas():
 
 
 def write_affnist_like_mat(path, images: np.ndarray, labels: np.ndarray) -> None:
-    """A .mat file with the real affNIST files' layout: struct `affNISTdata`, one column per image."""
-    from scipy.io import savemat
+    """A .mat file with the real affNIST files' layout: struct `affNISTdata`, one column per image, with `image`,
+    `label_one_of_n` and `label_int` at the field positions (2, 4, 5) where public loaders find them."""
+    from scipy.io import loadmat, savemat
 
     count = images.shape[0]
     one_of_n = np.zeros((10, count), dtype=np.uint8)
@@ -239,6 +240,8 @@ def write_affnist_like_mat(path, images: np.ndarray, labels: np.ndarray) -> None
         "label_int": labels.reshape(1, count).astype(np.uint8),
     }
     savemat(path, {"affNISTdata": fields})
+    record = loadmat(path)["affNISTdata"][0, 0]
+    assert np.array_equal(record[2], fields["image"]) and np.array_equal(record[5], fields["label_int"])
 
 
 def test_load_affnist_mat_on_a_tiny_file(tmp_path):
