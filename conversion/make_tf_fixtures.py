@@ -301,10 +301,12 @@ def make_cifar_style(official_dir: Path, out: Path, args) -> None:
                 for store, value in zip((lengths, poses, primary), outs, strict=True):
                     store.append(value)
         # TensorFlow's CIFAR-10 evaluation preprocessing (cifar10_input.inputs, split="test"), at fixture scale:
-        # crop 12x12 -> 10x10; image 1 is nearly flat, so the 1/sqrt(N) floor of the standardization applies.
+        # crop 12x12 -> 10x10. Image 1 is black but for one pixel of value 1: its std, sqrt(p(1-p)) with p = 1/300,
+        # lies below the floor 1/sqrt(300), so the floor applies (on a 0 background float32 stays exact; on a grey
+        # one TensorFlow's float32 mean is off by an ulp of 128, which moves the std across the floor).
         raw = rng.integers(0, 256, (3, 12, 12, 3)).astype(np.uint8)
-        raw[1] = 128
-        raw[1, 5, 5, 0] = 129
+        raw[1] = 0
+        raw[1, 5, 5, 0] = 1
         padded_raw = rng.integers(0, 256, (1, 8, 8, 3)).astype(np.uint8)
         crop = tf1.placeholder(tf1.float32, [None, None, 3])
         standardized = tf1.image.per_image_standardization(tf1.image.resize_image_with_crop_or_pad(crop, dim, dim))
