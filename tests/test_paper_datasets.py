@@ -291,3 +291,19 @@ def test_load_mnist_arrays_from_a_local_parquet_dataset(tmp_path):
     assert images.dtype == torch.uint8 and images.shape == (4, 28, 28)
     assert np.array_equal(images.numpy(), arrays[:4])
     assert labels.tolist() == [0, 1, 2, 3]
+
+
+def test_iter_batches_covers_every_example_once():
+    data = ExpandedMNIST(*random_digits(count=20), variants_per_digit=3, seed=0)
+    for shuffle in (False, True):
+        batches = list(data.iter_batches(batch_size=16, shuffle=shuffle, epoch=1))
+        assert [len(batch["labels"]) for batch in batches] == [16, 16, 16, 12]
+        pixels = torch.cat([batch["pixel_values"] for batch in batches])
+        reference = data.batch(range(60))["pixel_values"]
+        # Same multiset of images: each reference image is matched as often as among the references themselves.
+        matches = (pixels.flatten(1)[:, None] == reference.flatten(1)[None]).all(-1)  # [60, 60]
+        self_matches = (reference.flatten(1)[:, None] == reference.flatten(1)[None]).all(-1)
+        assert torch.equal(matches.sum(0), self_matches.sum(0))
+    first = torch.cat([b["labels"] for b in data.iter_batches(16, shuffle=True, epoch=1)])
+    second = torch.cat([b["labels"] for b in data.iter_batches(16, shuffle=True, epoch=2)])
+    assert not torch.equal(first, second), "each epoch has its own order"
