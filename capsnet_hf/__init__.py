@@ -4,9 +4,10 @@ Importing the package registers the config, both models and the image processor 
 and marks them for export so that `save_pretrained` writes the code and an `auto_map` for `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_capsnet import CapsNetConfig
+from .image_processing_capsnet import CapsNetImageProcessor
 from .modeling_capsnet import (
     CapsNetForImageClassification,
     CapsNetImageClassifierOutput,
@@ -18,10 +19,12 @@ from .modeling_capsnet import (
 AutoConfig.register(CapsNetConfig.model_type, CapsNetConfig, exist_ok=True)
 AutoModel.register(CapsNetConfig, CapsNetModel, exist_ok=True)
 AutoModelForImageClassification.register(CapsNetConfig, CapsNetForImageClassification, exist_ok=True)
+AutoImageProcessor.register(CapsNetConfig, image_processor_classes={"pil": CapsNetImageProcessor}, exist_ok=True)
 
 CapsNetConfig.register_for_auto_class()
 CapsNetModel.register_for_auto_class("AutoModel")
 CapsNetForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+CapsNetImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,7 @@ __all__ = [
     "CapsNetConfig",
     "CapsNetForImageClassification",
     "CapsNetImageClassifierOutput",
+    "CapsNetImageProcessor",
     "CapsNetModel",
     "CapsNetModelOutput",
     "CapsNetPreTrainedModel",

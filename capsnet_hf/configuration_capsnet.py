@@ -6,6 +6,13 @@ from transformers import PreTrainedConfig
 
 PADDING_MODES = ("valid", "same")
 MARGIN_LOSS_REDUCTIONS = ("official", "paper")
+# Where trust_remote_code finds each class in a saved folder (save_pretrained copies the three files).
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_capsnet.CapsNetConfig",
+    "AutoModel": "modeling_capsnet.CapsNetModel",
+    "AutoModelForImageClassification": "modeling_capsnet.CapsNetForImageClassification",
+    "AutoImageProcessor": "image_processing_capsnet.CapsNetImageProcessor",
+}
 
 
 def conv_output_size(size: int, kernel_size: int, stride: int, padding: str) -> int:
@@ -103,9 +110,9 @@ class CapsNetConfig(PreTrainedConfig):
         **kwargs,
     ):
         kwargs.setdefault("problem_type", "multi_label_classification")
-        # save_pretrained adds the config and model classes; the processor entry lets AutoImageProcessor find
-        # the remote code from config.json too (the processor saves image_processing_capsnet.py beside it).
-        kwargs.setdefault("auto_map", {"AutoImageProcessor": "image_processing_capsnet.CapsNetImageProcessor"})
+        # Every Auto class is mapped, whichever model class is saved; the processor entry lets AutoImageProcessor
+        # find the remote code from config.json too (the processor saves image_processing_capsnet.py beside it).
+        kwargs.setdefault("auto_map", dict(REMOTE_CODE_AUTO_MAP))
         if "num_labels" not in kwargs and "id2label" not in kwargs:
             kwargs["num_labels"] = 10
         super().__init__(**kwargs)
