@@ -29,6 +29,7 @@ including the parity check, has succeeded.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -119,6 +120,9 @@ def infer_geometry(variables: dict[str, tuple[str, tuple[int, ...]]], prefix: st
         if name in variables and variables[name][0] != "float32":
             raise CheckpointError(f"{prefix}: variable {name} has dtype {variables[name][0]}, expected float32")
     shape = {name: variables[name][1] for name in (*REQUIRED, *DECODER) if name in variables}
+    empty = [name for name, dims in shape.items() if 0 in dims]
+    if empty:
+        raise _shape_error(prefix, f"variable(s) with a zero dimension: {', '.join(empty)}")
 
     def expect(name: str, rank: int) -> tuple[int, ...]:
         if len(shape[name]) != rank:
@@ -376,23 +380,38 @@ def reference_forward(
     return out
 
 
-def measure_parity(
-    folder: Path, member_arrays: list[dict[str, np.ndarray]], preset: DatasetPreset, num_images: int = PARITY_IMAGES
-) -> dict[str, float]:
-    """Load the converted folder and compare it with `reference_forward` on fixed random inputs.
+@dataclass
+class ParityReference:
+    """Fixed inputs [B, C, H, W] and `reference_forward` outputs of every ensemble member on them."""
+
+    pixel_values: np.ndarray
+    members: list[dict[str, np.ndarray]]
+
+
+def parity_reference(
+    member_arrays: list[dict[str, np.ndarray]], config: CapsNetConfig, preset: DatasetPreset
+) -> ParityReference:
+    """Reference outputs on `PARITY_IMAGES` fixed random inputs: uniform in [0, 1] for MNIST, standard normal
+    (standardized images) for CIFAR-10."""
+    rng = np.random.default_rng(0)
+    shape = (PARITY_IMAGES, config.num_channels, *config.image_size)
+    pixels = rng.uniform(0, 1, shape) if preset.padding == "valid" else rng.normal(0, 1, shape)
+    pixels = pixels.astype(np.float32)
+    return ParityReference(
+        pixels, [reference_forward(a, pixels, preset.padding, preset.leaky_routing) for a in member_arrays]
+    )
+
+
+def measure_parity(folder: Path, reference: ParityReference) -> dict[str, float]:
+    """Load the converted folder and compare it with the reference forward pass.
 
     Returns the max absolute differences: `logits` (`logit(capsule length)`, the model's logits), `capsule_lengths`
     (the official code's "logits"; summed over members for an ensemble), `capsule_poses` (every member) and
     `reconstructions` (decoder, masked by the reference's predicted class).
     """
     model = CapsNetForImageClassification.from_pretrained(folder).eval()
-    config = model.config
-    rng = np.random.default_rng(0)
-    shape = (num_images, config.num_channels, *config.image_size)
-    # MNIST inputs lie in [0, 1]; CIFAR-10 inputs are standardized.
-    pixels = rng.uniform(0, 1, shape) if preset.padding == "valid" else rng.normal(0, 1, shape)
-    pixels = pixels.astype(np.float32)
-    refs = [reference_forward(a, pixels, preset.padding, preset.leaky_routing) for a in member_arrays]
+    pixels, refs = reference.pixel_values, reference.members
+    num_images = len(pixels)
     summed = sum(ref["capsule_lengths"] for ref in refs)
     labels = summed.argmax(-1)
     with torch.no_grad():
@@ -447,11 +466,13 @@ def display_checkpoint(pattern: str) -> str:
 
 @dataclass
 class ConversionResult:
+    """What `convert` wrote: the folder, its configuration, the dataset kind and the measured parity."""
+
     folder: Path
     config: CapsNetConfig
     dataset: str
     parity: dict[str, float]
-    member_arrays: list[dict[str, np.ndarray]]
+    reference: ParityReference
 
 
 def convert(
@@ -506,7 +527,8 @@ def convert(
     try:
         model.save_pretrained(staging)
         preset.image_processor(config).save_pretrained(staging)
-        parity = measure_parity(staging, member_arrays, preset)
+        reference = parity_reference(member_arrays, config, preset)
+        parity = measure_parity(staging, reference)
         worst = max(parity.values())
         if worst > tolerance:
             raise RuntimeError(f"the converted model does not reproduce the checkpoint's forward pass: {parity}")
@@ -527,7 +549,7 @@ def convert(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ConversionResult(output_dir, config, dataset, parity, member_arrays)
+    return ConversionResult(output_dir, config, dataset, parity, reference)
 
 
 def conversion_command(
@@ -555,8 +577,6 @@ def write_model_card(
     model_id: str,
 ) -> None:
     """Render model_cards/converted_official.md into `folder/README.md` (provenance, command, measured parity)."""
-    import hashlib
-
     from huggingface_hub import ModelCard, ModelCardData
 
     if not CARD_TEMPLATE.is_file():
@@ -671,8 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{config.num_channels}x{config.image_size[0]}x{config.image_size[1]} input, {config.num_labels} classes"
     )
     if args.verify:
-        preset = PRESETS[result.dataset]
-        parity = measure_parity(result.folder, result.member_arrays, preset)
+        parity = measure_parity(result.folder, result.reference)
         print(f"verify: max |logit difference| = {parity['logits']:.3g} (converted folder vs. checkpoint reference)")
         print("verify: " + json.dumps({name: float(f"{value:.3g}") for name, value in parity.items()}))
         if max(parity.values()) > args.tolerance:

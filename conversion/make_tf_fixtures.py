@@ -32,7 +32,8 @@ How the official code is run (nothing of it is copied; only its module globals a
   `layers.conv_slim_capsule` also records their outputs (class capsule poses, primary capsules) as references.
 * MNIST-style: 1x20x20 input, VALID padding, 4 primary capsule types, 10 classes, no leaky routing, decoder on.
   CIFAR-style: 3x10x10 input, SAME padding (the stride-2 primary conv pads 3 before / 4 after), 2 primary types,
-  5 classes, leaky routing, no decoder, 3 ensemble members with different seeds. The `hparams_override` used by the
+  5 classes, leaky routing, no decoder, 3 ensemble members with different seeds. `--released_geometry` writes
+  the released models' sizes instead (too large for tests/; used once to check parity at full scale). The `hparams_override` used by the
   official README for CIFAR-10 is `num_prime_capsules=64,padding=SAME,leaky=true,remake=false`.
 * Each model is trained two Adam steps on random data (so `global_step`, `beta1_power`, `beta2_power` and the Adam
   slots exist), then every trainable variable gets TensorFlow-generated noise added (`assign_add`), because after
@@ -219,7 +220,7 @@ def train_and_save(session, features, result, prefix: Path, seed: int, depth, di
 
 def make_mnist_style(official_dir: Path, out: Path, args) -> None:
     records: dict = {}
-    depth, dim, num_classes = 1, 20, 10
+    depth, dim, num_classes = 1, args.mnist_size, 10
     with tf1.Graph().as_default():
         tf1.set_random_seed(1)
         capsule_model = load_official(official_dir, args.conv1_channels, args.decoder_hidden_sizes, records)
@@ -229,7 +230,7 @@ def make_mnist_style(official_dir: Path, out: Path, args) -> None:
             leaky=False,
             learning_rate=0.001,
             loss_type="margin",
-            num_prime_capsules=4,
+            num_prime_capsules=args.mnist_types,
             padding="VALID",
             remake=True,
             routing=3,
@@ -259,14 +260,14 @@ def make_mnist_style(official_dir: Path, out: Path, args) -> None:
 
 def make_cifar_style(official_dir: Path, out: Path, args) -> None:
     records: dict = {}
-    depth, dim, num_classes, members = 3, 10, 5, 3
+    depth, dim, num_classes, members = 3, args.cifar_size, args.cifar_classes, args.cifar_members
     hparams = types.SimpleNamespace(
         decay_rate=0.96,
         decay_steps=2000,
         leaky=True,
         learning_rate=0.001,
         loss_type="margin",
-        num_prime_capsules=2,
+        num_prime_capsules=args.cifar_types,
         padding="SAME",
         remake=False,
         routing=3,
@@ -301,13 +302,13 @@ def make_cifar_style(official_dir: Path, out: Path, args) -> None:
                 for store, value in zip((lengths, poses, primary), outs, strict=True):
                     store.append(value)
         # TensorFlow's CIFAR-10 evaluation preprocessing (cifar10_input.inputs, split="test"), at fixture scale:
-        # crop 12x12 -> 10x10. Image 1 is black but for one pixel of value 1: its std, sqrt(p(1-p)) with p = 1/300,
+        # crop (size+2) -> size, pad (size-2) -> size. Image 1 is black but for one pixel of value 1: its std, sqrt(p(1-p)) with p = 1/300,
         # lies below the floor 1/sqrt(300), so the floor applies (on a 0 background float32 stays exact; on a grey
         # one TensorFlow's float32 mean is off by an ulp of 128, which moves the std across the floor).
-        raw = rng.integers(0, 256, (3, 12, 12, 3)).astype(np.uint8)
+        raw = rng.integers(0, 256, (3, dim + 2, dim + 2, 3)).astype(np.uint8)
         raw[1] = 0
-        raw[1, 5, 5, 0] = 1
-        padded_raw = rng.integers(0, 256, (1, 8, 8, 3)).astype(np.uint8)
+        raw[1, dim // 2, dim // 2, 0] = 1
+        padded_raw = rng.integers(0, 256, (1, dim - 2, dim - 2, 3)).astype(np.uint8)
         crop = tf1.placeholder(tf1.float32, [None, None, 3])
         standardized = tf1.image.per_image_standardization(tf1.image.resize_image_with_crop_or_pad(crop, dim, dim))
         with tf1.Session(config=tf1.ConfigProto(allow_soft_placement=True)) as session:
@@ -395,7 +396,23 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("tests/fixtures/tf"))
     parser.add_argument("--conv1_channels", type=int, default=8)
     parser.add_argument("--decoder_hidden_sizes", type=int, nargs=2, default=[32, 48])
+    parser.add_argument("--mnist_size", type=int, default=20)
+    parser.add_argument("--mnist_types", type=int, default=4)
+    parser.add_argument("--cifar_size", type=int, default=10)
+    parser.add_argument("--cifar_types", type=int, default=2)
+    parser.add_argument("--cifar_classes", type=int, default=5)
+    parser.add_argument("--cifar_members", type=int, default=3)
+    parser.add_argument(
+        "--released_geometry",
+        action="store_true",
+        help="the released models' geometry (256 conv1 channels, 512-1024 decoder, MNIST 28x28 with 32 types, "
+        "CIFAR-10 24x24 with 64 types and 10 classes; 2 members): hundreds of MB, for a parity check, not for tests/",
+    )
     args = parser.parse_args(argv)
+    if args.released_geometry:
+        args.conv1_channels, args.decoder_hidden_sizes = 256, [512, 1024]
+        args.mnist_size, args.mnist_types = 28, 32
+        args.cifar_size, args.cifar_types, args.cifar_classes, args.cifar_members = 24, 64, 10, 2
     tf1.disable_v2_behavior()
     if args.output_dir.exists():
         shutil.rmtree(args.output_dir)

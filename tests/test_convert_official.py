@@ -418,6 +418,7 @@ def test_checkpoint_of_another_model(tmp_path, capsys):
         ("recons/recons_3/weights", (48, 401), "the decoder outputs 401 pixels, which is no 1-channel square image"),
         ("recons/recons_2/weights", (33, 48), "decoder layer recons_2 has shape [33, 48] after 32 inputs"),
         ("conv1/weights", (9, 9, 1), "conv1/weights has shape [9, 9, 1], expected rank 4"),
+        ("capsule2/weights", (16, 0, 160), "variable(s) with a zero dimension: capsule2/weights"),
     ],
 )
 def test_shapes_that_fit_no_capsnet(tmp_path, capsys, name, shape, message):
