@@ -40,8 +40,115 @@ def routing_softmax(logits: torch.Tensor, dim: int, leaky: bool) -> torch.Tensor
     """Eq. 3, softmax over the parent capsules. With `leaky`, a parent with logit 0 is added and its share dropped."""
     if not leaky:
         return torch.softmax(logits, dim=dim)
-    leak = torch.zeros_like(logits.narrow(dim, 0, 1))
-    return torch.softmax(torch.cat([leak, logits], dim=dim), dim=dim).narrow(dim, 1, logits.shape[dim])
+    # softmax over [0, logits] without materialising the concatenation; the shift keeps exp() <= 1.
+    shift = logits.detach().amax(dim, keepdim=True).clamp(min=0.0)
+    exponentials = torch.exp(logits - shift)
+    return exponentials / (exponentials.sum(dim, keepdim=True) + torch.exp(-shift))
+
+
+def _squash_backward(preactivations: torch.Tensor, grad_poses: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Gradient of Eq. 1 (`squash` over the last dim) w.r.t. s, given the gradient w.r.t. v; float32.
+
+    v = f(n) s with n = |s|^2 and f(n) = n / ((1 + n) sqrt(n + eps)), so
+    dL/ds = f(n) dL/dv + 2 f'(n) (dL/dv . s) s with f'(n) = (1 / (1 + n) - n / (2 (n + eps))) / ((1 + n) sqrt(n + eps)).
+    """
+    preactivations = preactivations.float()
+    squared_norm = preactivations.pow(2).sum(-1, keepdim=True)
+    inverse = 1.0 / ((1.0 + squared_norm) * torch.sqrt(squared_norm + epsilon))
+    slope = inverse * (1.0 / (1.0 + squared_norm) - 0.5 * squared_norm / (squared_norm + epsilon))
+    radial = (grad_poses * preactivations).sum(-1, keepdim=True)
+    return (squared_norm * inverse) * grad_poses + (2.0 * slope * radial) * preactivations
+
+
+class _DynamicRouting(torch.autograd.Function):
+    """Procedure 1 with a hand-written backward; see `dynamic_routing` for the arguments.
+
+    Every routing step reads the votes [B, J, I, K] once with a batched vector-matrix product, so the forward is
+    2 x iterations - 1 passes over them. Autograd would write a votes-sized gradient (and add it up) for each of
+    those products; here every term of dL/du_hat is rank one per (example, parent), c_ij g_j or G_ij v_j, so the
+    backward keeps the [B, J, I] and [B, J, K] factors and writes dL/du_hat with a single batched matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, votes, bias, num_iterations, leaky, detach_inner_votes, epsilon):
+        batch_size, num_parents, num_children, dim = votes.shape
+        flat_votes = votes.view(batch_size * num_parents, num_children, dim)
+        couplings, preactivations, poses = [], [], []
+        # Zero logits (first iteration) give uniform couplings, 1/J or 1/(J + 1) with the leak.
+        coupling = votes.new_full(
+            (batch_size, num_parents, num_children), 1.0 / (num_parents + int(leaky)), dtype=torch.float32
+        )
+        logits = None
+        for iteration in range(num_iterations):
+            if logits is not None:
+                coupling = routing_softmax(logits, dim=1, leaky=leaky)
+            # s_j = sum_i c_ij u_hat_{j|i} (Eq. 2): [BJ, 1, I] @ [BJ, I, K]
+            preactivation = torch.bmm(coupling.view(-1, 1, num_children).to(votes.dtype), flat_votes)
+            preactivation = preactivation.view(batch_size, num_parents, dim)
+            if bias is not None:
+                preactivation = preactivation + bias
+            pose = squash(preactivation, epsilon=epsilon)
+            couplings.append(coupling)
+            preactivations.append(preactivation)
+            poses.append(pose)
+            if iteration < num_iterations - 1:
+                # b_ij += u_hat_{j|i} . v_j: [BJ, 1, K] @ [BJ, K, I] (a row vector first: the fast BLAS form)
+                agreement = torch.bmm(pose.view(-1, 1, dim).to(votes.dtype), flat_votes.transpose(1, 2))
+                agreement = agreement.view(batch_size, num_parents, num_children)
+                logits = agreement if logits is None else logits + agreement
+        ctx.save_for_backward(votes, *couplings, *preactivations, *poses)
+        ctx.num_iterations = num_iterations
+        ctx.detach_inner_votes = detach_inner_votes
+        ctx.epsilon = epsilon
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return pose, coupling
+
+    @staticmethod
+    def backward(ctx, grad_poses, grad_coupling):
+        num_iterations = ctx.num_iterations
+        votes, *saved = ctx.saved_tensors
+        couplings = saved[:num_iterations]
+        preactivations = saved[num_iterations : 2 * num_iterations]
+        poses = saved[2 * num_iterations :]
+        batch_size, num_parents, num_children, dim = votes.shape
+        flat_votes = votes.view(batch_size * num_parents, num_children, dim)
+        # dL/du_hat[b, j, i, :] = sum_r left_r[b, j, i] right_r[b, j, :]
+        left, right = [], []
+        grad_bias = None
+        grad_logits = None  # dL/d(logits of the iteration being undone), summed over the later iterations
+        for iteration in reversed(range(num_iterations)):
+            is_last = iteration == num_iterations - 1
+            grad_preactivation = _squash_backward(preactivations[iteration], grad_poses, ctx.epsilon)
+            if ctx.bias_dtype is not None:
+                step_grad = grad_preactivation.sum(0)
+                grad_bias = step_grad if grad_bias is None else grad_bias + step_grad
+            if is_last or not ctx.detach_inner_votes:
+                left.append(couplings[iteration])
+                right.append(grad_preactivation)
+            if iteration == 0:
+                break  # the first couplings come from constant zero logits
+            coupling = couplings[iteration]
+            grad_c = torch.bmm(grad_preactivation.view(-1, 1, dim).to(votes.dtype), flat_votes.transpose(1, 2))
+            grad_c = grad_c.view_as(coupling).float()
+            if is_last:
+                grad_c = grad_c + grad_coupling
+            # Softmax backward over the parents; the leak's share gets no gradient, so the same form holds.
+            step_grad = coupling * (grad_c - (coupling * grad_c).sum(1, keepdim=True))
+            grad_logits = step_grad if grad_logits is None else grad_logits + step_grad
+            # The logits of this iteration hold u_hat . v_t for every earlier t: route their gradient to v_(t-1).
+            grad_poses = torch.bmm(grad_logits.view(-1, 1, num_children).to(votes.dtype), flat_votes)
+            grad_poses = grad_poses.view(batch_size, num_parents, dim).float()
+            if not ctx.detach_inner_votes:
+                left.append(grad_logits)
+                right.append(poses[iteration - 1])
+        grad_votes = None
+        if ctx.needs_input_grad[0]:
+            lhs = torch.stack(left, dim=-1).view(-1, num_children, len(left)).to(votes.dtype)
+            rhs = torch.stack(right, dim=-2).view(-1, len(right), dim).to(votes.dtype)
+            grad_votes = torch.bmm(lhs, rhs).view_as(votes)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_votes, grad_bias, None, None, None, None
 
 
 def dynamic_routing(
@@ -59,23 +166,10 @@ def dynamic_routing(
         bias: [J, K] or None, added to every s_j before the squash in every iteration (official code).
     Returns:
         poses v_j [B, J, K] (float32) and the coupling coefficients c_ij of the last iteration [B, J, I].
+    With `detach_inner_votes`, only the last iteration's s_j passes gradients to the votes (the couplings and the
+    bias still get theirs through every iteration).
     """
-    batch_size, num_parents, num_children, _ = votes.shape
-    logits = votes.new_zeros(batch_size, num_parents, num_children, dtype=torch.float32)
-    inner_votes = votes.detach() if detach_inner_votes else votes
-    for iteration in range(num_iterations):
-        is_last = iteration == num_iterations - 1
-        iteration_votes = votes if is_last else inner_votes
-        coupling = routing_softmax(logits, dim=1, leaky=leaky)
-        # s_j = sum_i c_ij u_hat_{j|i} (Eq. 2): [B, J, 1, I] @ [B, J, I, K] -> [B, J, K]
-        preactivations = torch.matmul(coupling.unsqueeze(2).to(votes.dtype), iteration_votes).squeeze(2)
-        if bias is not None:
-            preactivations = preactivations + bias
-        poses = squash(preactivations, epsilon=epsilon)
-        if not is_last:
-            # b_ij += u_hat_{j|i} . v_j: [B, J, I, K] @ [B, J, K, 1] -> [B, J, I]
-            logits = logits + torch.matmul(iteration_votes, poses.unsqueeze(-1).to(votes.dtype)).squeeze(-1)
-    return poses, coupling
+    return _DynamicRouting.apply(votes, bias, num_iterations, leaky, detach_inner_votes, epsilon)
 
 
 def margin_loss(
@@ -207,10 +301,17 @@ class CapsNetClassCapsules(nn.Module):
     """DigitCaps: one [K, A] transformation matrix per (input capsule, class) and routing-by-agreement.
 
     Weight W [I, J, K, A] gives the votes u_hat[b, i, j, k] = sum_a u[b, i, a] W[i, j, k, a] (Eq. 2).
+
+    Memory saver (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, the
+    batch is routed in chunks of at most `checkpoint_votes_per_chunk` vote elements (at least one example) whose
+    votes and routing are recomputed in the backward pass, so only one chunk's votes are alive at a time.
     """
+
+    checkpoint_votes_per_chunk = 2**22
 
     def __init__(self, config: CapsNetConfig):
         super().__init__()
+        self.gradient_checkpointing = False
         self.num_classes = config.num_labels
         self.capsule_dim = config.capsule_dim
         self.routing_iterations = config.routing_iterations
@@ -231,8 +332,8 @@ class CapsNetClassCapsules(nn.Module):
         votes = votes.view(num_inputs, batch_size, self.num_classes, self.capsule_dim)
         return votes.permute(1, 2, 0, 3).contiguous()
 
-    def forward(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]."""
+    def _route(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]: votes, then Procedure 1."""
         return dynamic_routing(
             self.compute_votes(primary_capsules),
             self.bias,
@@ -241,6 +342,16 @@ class CapsNetClassCapsules(nn.Module):
             detach_inner_votes=self.detach_inner_votes,
             epsilon=self.epsilon,
         )
+
+    def forward(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]."""
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return self._route(primary_capsules)
+        votes_per_example = self.weight.shape[0] * self.num_classes * self.capsule_dim
+        chunk_size = max(1, self.checkpoint_votes_per_chunk // votes_per_example)
+        chunks = [self._gradient_checkpointing_func(self._route, part) for part in primary_capsules.split(chunk_size)]
+        poses, coupling = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+        return poses, coupling
 
 
 class CapsNetEncoder(nn.Module):
@@ -283,6 +394,7 @@ class CapsNetPreTrainedModel(PreTrainedModel):
     config: CapsNetConfig
     base_model_prefix = "capsnet"
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
     input_modalities = ("image",)
 
     @torch.no_grad()
