@@ -45,12 +45,13 @@ import numpy as np
 import torch
 
 from .configuration_capsnet import CapsNetConfig
+from .hub import push_folder_to_hub, render_model_card
 from .image_processing_capsnet import CapsNetImageProcessor
 from .modeling_capsnet import LOGIT_EPSILON, CapsNetForImageClassification
 from .tf_checkpoint import CheckpointError, TFCheckpointReader
 
 OFFICIAL_REPOSITORY = "https://github.com/Sarasra/models/tree/master/research/capsules"
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "converted_official.md"
+CARD_TEMPLATE = "converted_official"  # model_cards/converted_official.md
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASETS = ("mnist", "cifar10")
 PRIMARY_STRIDE = 2  # hard-coded in the official capsule_model.py
@@ -492,6 +493,7 @@ def convert(
     member to `tolerance` (max absolute difference).
     """
     output_dir = Path(output_dir)
+    model_id = hub_model_id or output_dir.name
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"output folder {output_dir} exists; pass --overwrite_output_dir to replace it")
     if dataset is not None and dataset not in PRESETS:
@@ -535,13 +537,13 @@ def convert(
         write_model_card(
             staging,
             config=config,
+            num_parameters=sum(p.numel() for p in model.parameters()),
             dataset=dataset,
             checkpoint=checkpoint,
             readers=readers,
             parity=parity,
-            image_size_given=image_size,
-            dataset_given=dataset_given,
-            model_id=hub_model_id or output_dir.name,
+            command=conversion_command(checkpoint, len(readers), dataset_given, image_size, Path(model_id).name),
+            model_id=model_id,
         )
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -568,27 +570,23 @@ def conversion_command(
 def write_model_card(
     folder: Path,
     config: CapsNetConfig,
+    num_parameters: int,
     dataset: str,
     checkpoint: str,
     readers: list[TFCheckpointReader],
     parity: dict[str, float],
-    image_size_given: int | None,
-    dataset_given: str | None,
+    command: str,
     model_id: str,
 ) -> None:
     """Render model_cards/converted_official.md into `folder/README.md` (provenance, command, measured parity)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    if not CARD_TEMPLATE.is_file():
-        raise FileNotFoundError(f"model card template not found: {CARD_TEMPLATE}")
     preset = PRESETS[dataset]
-    card_data = ModelCardData(
-        license="apache-2.0",
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        datasets=["ylecun/mnist" if dataset == "mnist" else "uoft-cs/cifar10"],
-        tags=["capsnet", "capsule-network", "dynamic-routing", "converted-from-tensorflow"],
-    )
+    card_data = {
+        "license": "apache-2.0",
+        "library_name": "transformers",
+        "pipeline_tag": "image-classification",
+        "datasets": ["ylecun/mnist" if dataset == "mnist" else "uoft-cs/cifar10"],
+        "tags": ["capsnet", "capsule-network", "dynamic-routing", "converted-from-tensorflow"],
+    }
     members = [
         {
             "name": display_checkpoint(checkpoint).replace("{}", str(trial)),
@@ -596,46 +594,28 @@ def write_model_card(
         }
         for trial, reader in enumerate(readers)
     ]
-    num_parameters = sum(p.numel() for p in CapsNetForImageClassification(config).parameters())
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(CARD_TEMPLATE),
-        model_id=model_id,
-        dataset=dataset,
-        dataset_title="MNIST" if dataset == "mnist" else "CIFAR-10",
-        original_repository=OFFICIAL_REPOSITORY,
-        archive=preset.archive,
-        checkpoint=display_checkpoint(checkpoint),
-        members=members,
-        num_members=len(readers),
-        command=conversion_command(checkpoint, len(readers), dataset_given, image_size_given, Path(model_id).name),
-        parity=parity,
-        parity_images=PARITY_IMAGES,
-        config=config,
-        num_parameters=num_parameters,
-        preprocessing=(
+    fields = {
+        "model_id": model_id,
+        "dataset": dataset,
+        "dataset_title": "MNIST" if dataset == "mnist" else "CIFAR-10",
+        "original_repository": OFFICIAL_REPOSITORY,
+        "archive": preset.archive,
+        "checkpoint": display_checkpoint(checkpoint),
+        "members": members,
+        "num_members": len(readers),
+        "command": command,
+        "parity": parity,
+        "parity_images": PARITY_IMAGES,
+        "config": config,
+        "num_parameters": num_parameters,
+        "preprocessing": (
             "x / 255"
             if preset.padding == "valid"
             else f"centre crop (or zero pad) to {config.image_size[0]}x{config.image_size[1]}, then per-image "
             "standardization (x - mean) / max(std, 1/sqrt(N)) on the 0..255 scale"
         ),
-    )
-    card.save(folder / "README.md")
-
-
-def push_to_hub(folder: Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
-    """Create `repo_id` (if needed) and upload `folder` in one commit; returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo.repo_id,
-        repo_type="model",
-        folder_path=str(folder),
-        commit_message="Convert the official TensorFlow CapsNet checkpoint (Sabour et al., 2017)",
-    )
-    return str(commit)
+    }
+    render_model_card(CARD_TEMPLATE, fields, card_data).save(folder / "README.md")
 
 
 def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -698,10 +678,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"capsnet-convert: error: parity above tolerance {args.tolerance}", file=sys.stderr)
             return 1
     if args.push_to_hub:
-        url = push_to_hub(
-            result.folder, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None
+        commit = push_folder_to_hub(
+            result.folder,
+            args.hub_model_id,
+            private=args.hub_private_repo,
+            token=args.hub_token,
+            commit_message="CapsNet converted from the official TensorFlow checkpoint "
+            + display_checkpoint(args.checkpoint),
         )
-        print(f"pushed to {url}")
+        print(f"pushed to {getattr(commit, 'commit_url', commit)}")
     return 0
 
 

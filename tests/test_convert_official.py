@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES
-from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
 import capsnet_hf.modeling_capsnet as modeling
-from capsnet_hf import CapsNetConfig
+from capsnet_hf import CapsNetConfig, CapsNetModel
 from capsnet_hf.convert_official import (
     PRESETS,
     build_config,
@@ -27,7 +27,6 @@ from capsnet_hf.convert_official import (
     convert,
     infer_geometry,
     main,
-    push_to_hub,
     reference_forward,
     resolve_image_size,
 )
@@ -244,6 +243,15 @@ def test_processor_reproduces_tensorflow_preprocessing(converted):
     np.testing.assert_allclose(mnist(list(raw), return_tensors="np")["pixel_values"][:, 0], raw / 255, atol=1e-7)
 
 
+def test_automodel_loads_the_capsule_network_alone(converted):
+    ref = _reference("cifar_style")
+    base = AutoModel.from_pretrained(converted["cifar"]).eval()
+    assert isinstance(base, CapsNetModel)
+    with torch.no_grad():
+        lengths = base(torch.from_numpy(ref["pixel_values"])).capsule_lengths.numpy()
+    np.testing.assert_allclose(lengths * 3, ref["summed_lengths"], rtol=0, atol=ATOL)
+
+
 def test_pipeline_on_ensemble_ranks_by_summed_lengths(converted):
     from PIL import Image
 
@@ -451,40 +459,30 @@ def test_existing_output_folder_is_kept(tmp_path, capsys):
 # -- Hub upload (mocked) -----------------------------------------------------------------------------------------
 
 
-def test_push_to_hub_uploads_the_folder_in_one_commit(converted):
-    uploaded = {}
-
-    def upload_folder(**kwargs):
-        uploaded.update(kwargs, files=sorted(p.name for p in Path(kwargs["folder_path"]).iterdir()))
-        return "https://huggingface.co/user/capsnet-mnist-official/commit/abc"
-
+def test_push_to_hub_uploads_the_folder_in_one_commit(converted, tmp_path):
+    folder = tmp_path / "published"
+    shutil.copytree(converted["mnist"], folder)
     with mock.patch("huggingface_hub.HfApi") as api_class:
-        api = api_class.return_value
-        api.create_repo.return_value.repo_id = "user/capsnet-mnist-official"
-        api.upload_folder.side_effect = upload_folder
-        url = push_to_hub(converted["mnist"], "user/capsnet-mnist-official", token="t", private=True)
+        assert main(["--checkpoint", str(MNIST_CKPT), "--output_dir", str(folder), "--overwrite_output_dir",
+                     "--push_to_hub", "--hub-model-id", "me/capsnet-mnist-official", "--hub_token", "t"]) == 0  # fmt: skip
     api_class.assert_called_once_with(token="t")
+    api = api_class.return_value
     api.create_repo.assert_called_once_with(
-        "user/capsnet-mnist-official", repo_type="model", private=True, exist_ok=True
+        repo_id="me/capsnet-mnist-official", repo_type="model", private=False, exist_ok=True
     )
-    assert api.upload_folder.call_count == 1 and url.endswith("/commit/abc")
-    assert uploaded["repo_id"] == "user/capsnet-mnist-official"
-    assert uploaded["files"] == [
+    api.create_commit.assert_called_once()
+    kwargs = api.create_commit.call_args.kwargs
+    assert kwargs["repo_id"] == "me/capsnet-mnist-official"
+    assert sorted(op.path_in_repo for op in kwargs["operations"]) == [
         "README.md", "config.json", "configuration_capsnet.py", "image_processing_capsnet.py",
         "model.safetensors", "modeling_capsnet.py", "preprocessor_config.json",
     ]  # fmt: skip
+    card = (folder / "README.md").read_text()
+    assert "# me/capsnet-mnist-official" in card and 'model="me/capsnet-mnist-official"' in card
+    assert "--output_dir capsnet-mnist-official" in card and "--hub_token" not in card
 
 
 def test_push_flag_needs_a_model_id(capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(MNIST_CKPT), "--output_dir", "x", "--push_to_hub"])
     assert "--push_to_hub needs --hub_model_id" in capsys.readouterr().err
-
-
-def test_cli_push_records_model_id_in_card(tmp_path):
-    with mock.patch("capsnet_hf.convert_official.push_to_hub", return_value="url") as push:
-        argv = ["--checkpoint", str(MNIST_CKPT), "--output_dir", str(tmp_path / "o"), "--push_to_hub"]
-        assert main([*argv, "--hub_model_id", "me/capsnet-mnist-official", "--hub-private-repo"]) == 0
-    push.assert_called_once_with(tmp_path / "o", "me/capsnet-mnist-official", token=None, private=True)
-    card = (tmp_path / "o" / "README.md").read_text()
-    assert "# me/capsnet-mnist-official" in card and 'model="me/capsnet-mnist-official"' in card
