@@ -190,7 +190,6 @@ class DatasetPreset:
 
     padding: str
     leaky_routing: bool
-    standard_size: int
     archive: str
 
     def image_processor(self, config: CapsNetConfig) -> CapsNetImageProcessor:
@@ -202,8 +201,8 @@ class DatasetPreset:
 
 
 PRESETS = {
-    "mnist": DatasetPreset("valid", False, 28, "mnist_checkpoints.tar.gz"),
-    "cifar10": DatasetPreset("same", True, 24, "cifar_checkpoints.tar.gz"),
+    "mnist": DatasetPreset("valid", False, "mnist_checkpoints.tar.gz"),
+    "cifar10": DatasetPreset("same", True, "cifar_checkpoints.tar.gz"),
 }
 
 
@@ -246,6 +245,7 @@ def resolve_image_size(geometry: OfficialGeometry, preset: DatasetPreset, prefix
 def build_config(
     geometry: OfficialGeometry, dataset: str, image_size: int, num_members: int, use_decoder: bool
 ) -> CapsNetConfig:
+    """The `CapsNetConfig` of a converted checkpoint: its geometry plus the dataset preset and official constants."""
     preset = PRESETS[dataset]
     labels = None
     if geometry.num_classes == 10:
@@ -270,8 +270,8 @@ def build_config(
         leaky_routing=preset.leaky_routing,
         routing_bias=True,
         use_decoder=use_decoder,
-        decoder_hidden_sizes=list(geometry.decoder_sizes[:-1]) if use_decoder else [512, 1024],
         num_ensemble_members=num_members,
+        **({"decoder_hidden_sizes": list(geometry.decoder_sizes[:-1])} if use_decoder else {}),
         **label_kwargs,
     )
 
@@ -284,7 +284,7 @@ def read_arrays(reader: TFCheckpointReader, use_decoder: bool) -> dict[str, np.n
 
 def member_state_dict(arrays: dict[str, np.ndarray], member: int) -> dict[str, torch.Tensor]:
     """Official arrays of one checkpoint -> `capsnet.members.{member}.*` tensors (see the module docstring)."""
-    inputs, atoms, votes = arrays["capsule2/weights"].shape
+    inputs, atoms, _ = arrays["capsule2/weights"].shape
     classes, capsule_dim = arrays["capsule2/biases"].shape
     prefix = f"capsnet.members.{member}."
     tensors = {
@@ -432,6 +432,13 @@ def measure_parity(folder: Path, reference: ParityReference) -> dict[str, float]
     return parity
 
 
+def parity_error(parity: dict[str, float]) -> float:
+    """The difference judged against `--tolerance`: lengths, poses and reconstructions, which are bounded. The
+    logits are reported but not judged: logit(p) has slope 1/(p(1-p)), so a 1e-7 difference in a length of
+    0.9999 becomes 1e-3 in its logit without any error in the conversion."""
+    return max(value for name, value in parity.items() if name != "logits")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Conversion, model card, Hub upload, command line.
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,7 +497,7 @@ def convert(
 
     The folder holds `model.safetensors`, `config.json`, `preprocessor_config.json`, the remote code files and a
     model card; it appears only once the converted model reproduces the NumPy reference forward pass of every
-    member to `tolerance` (max absolute difference).
+    member to `tolerance` (max absolute difference of capsule lengths, poses and reconstructions).
     """
     output_dir = Path(output_dir)
     model_id = hub_model_id or output_dir.name
@@ -531,8 +538,7 @@ def convert(
         preset.image_processor(config).save_pretrained(staging)
         reference = parity_reference(member_arrays, config, preset)
         parity = measure_parity(staging, reference)
-        worst = max(parity.values())
-        if worst > tolerance:
+        if parity_error(parity) > tolerance:
             raise RuntimeError(f"the converted model does not reproduce the checkpoint's forward pass: {parity}")
         write_model_card(
             staging,
@@ -638,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(parser, "image_size", type=int, help="input size when the shapes allow several (default: the largest)")
     _add(parser, "overwrite_output_dir", action="store_true", help="replace an existing output folder")
     _add(parser, "verify", action="store_true", help="re-read the written folder and print the parity numbers")
-    _add(parser, "tolerance", type=float, default=1e-4, help="largest accepted |converted - reference|")
+    _add(parser, "tolerance", type=float, default=1e-4, help="largest accepted |converted - reference| of the capsule "
+         "lengths, poses and reconstructions")  # fmt: skip
     _add(parser, "push_to_hub", action="store_true", help="upload the folder to the Hub (needs --hub_model_id)")
     _add(parser, "hub_model_id", help="Hub repository, e.g. user/capsnet-mnist-official")
     _add(parser, "hub_token", help="Hub token (default: the logged-in token / HF_TOKEN)")
@@ -674,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         parity = measure_parity(result.folder, result.reference)
         print(f"verify: max |logit difference| = {parity['logits']:.3g} (converted folder vs. checkpoint reference)")
         print("verify: " + json.dumps({name: float(f"{value:.3g}") for name, value in parity.items()}))
-        if max(parity.values()) > args.tolerance:
+        if parity_error(parity) > args.tolerance:
             print(f"capsnet-convert: error: parity above tolerance {args.tolerance}", file=sys.stderr)
             return 1
     if args.push_to_hub:

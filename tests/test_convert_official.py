@@ -448,6 +448,21 @@ def test_pattern_with_a_missing_member(tmp_path, capsys):
     _assert_fails_cleanly(tmp_path, ["--checkpoint", CIFAR_PATTERN, "--num_trials", "4"], message, capsys)
 
 
+def test_failed_parity_check_leaves_nothing(tmp_path, capsys):
+    """A mapping error (here: class capsule bias negated) is caught by the built-in parity check."""
+    from capsnet_hf import convert_official
+
+    def wrong_bias(arrays, member):
+        state = convert_official_member_state_dict(arrays, member)
+        key = f"capsnet.members.{member}.class_capsules.bias"
+        state[key] = -state[key]  # not in place: the tensor shares memory with the checkpoint array
+        return state
+
+    convert_official_member_state_dict = convert_official.member_state_dict
+    with mock.patch.object(convert_official, "member_state_dict", wrong_bias):
+        _assert_fails_cleanly(tmp_path, ["--checkpoint", str(MNIST_CKPT)], "does not reproduce", capsys)
+
+
 def test_existing_output_folder_is_kept(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
