@@ -452,7 +452,7 @@ def checkpoint_members(pattern: str, num_trials: int) -> list[str]:
     if "{}" not in pattern:
         if num_trials > 1:
             raise CheckpointError(f"--num_trials {num_trials} needs a checkpoint pattern with '{{}}', got {pattern!r}")
-        return [pattern]
+        return [latest_checkpoint(pattern) if Path(pattern).is_dir() else pattern]
     prefixes = [pattern.replace("{}", str(trial)) for trial in range(num_trials)]
     missing = [p for p in prefixes if not Path(re.sub(r"\.index$", "", p) + ".index").is_file()]
     if len(missing) == len(prefixes):
@@ -464,6 +464,20 @@ def checkpoint_members(pattern: str, num_trials: int) -> list[str]:
             f"checkpoint pattern {pattern!r}: ensemble member(s) missing: {', '.join(p + '.index' for p in missing)}"
         )
     return prefixes
+
+
+def latest_checkpoint(folder: str) -> str:
+    """The checkpoint prefix of a folder: `model_checkpoint_path` of its `checkpoint` file, else its only `.index`."""
+    state = Path(folder) / "checkpoint"
+    if state.is_file():
+        match = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', state.read_text(errors="replace"), re.MULTILINE)
+        if match:
+            return str(Path(folder) / match.group(1))
+    indexes = sorted(Path(folder).glob("*.index"))
+    if len(indexes) != 1:
+        found = ", ".join(p.name for p in indexes) or "none"
+        raise CheckpointError(f"{folder} is a folder: pass a checkpoint prefix (its .index files: {found})")
+    return str(indexes[0])[: -len(".index")]
 
 
 def display_checkpoint(pattern: str) -> str:
@@ -636,8 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert the official TensorFlow CapsNet checkpoints (Sarasra/models research/capsules) into a "
         "transformers model folder. No TensorFlow needed.",
     )
-    _add(parser, "checkpoint", required=True, help="checkpoint prefix (.../model.ckpt-1), or a pattern with {} "
-         "for an ensemble (.../cifar{}/model.ckpt-600000)")  # fmt: skip
+    _add(parser, "checkpoint", required=True, help="checkpoint prefix (.../model.ckpt-1) or its folder, or a pattern "
+         "with {} for an ensemble (.../cifar{}/model.ckpt-600000)")  # fmt: skip
     _add(parser, "output_dir", required=True, help="folder to write (must not exist, see --overwrite_output_dir)")
     _add(parser, "num_trials", type=int, default=1, help="ensemble members: {} takes 0..num_trials-1")
     _add(parser, "dataset", choices=DATASETS, help="override the dataset inferred from the input channels")

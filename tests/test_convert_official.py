@@ -463,6 +463,18 @@ def test_failed_parity_check_leaves_nothing(tmp_path, capsys):
         _assert_fails_cleanly(tmp_path, ["--checkpoint", str(MNIST_CKPT)], "does not reproduce", capsys)
 
 
+def test_checkpoint_folder(tmp_path, capsys):
+    """A folder is resolved through its `checkpoint` file (as TensorFlow writes it), else its only .index."""
+    folder = _copy_mnist(tmp_path).parent
+    assert main(["--checkpoint", str(folder), "--output_dir", str(tmp_path / "a")]) == 0
+    (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-2"\nall_model_checkpoint_paths: "x"\n')
+    assert main(["--checkpoint", str(folder), "--output_dir", str(tmp_path / "b")]) == 0
+    shutil.copy(folder / "model.ckpt-2.index", folder / "model.ckpt-3.index")
+    (folder / "checkpoint").unlink()
+    assert main(["--checkpoint", str(folder), "--output_dir", str(tmp_path / "c")]) == 1
+    assert "model.ckpt-2.index, model.ckpt-3.index" in capsys.readouterr().err
+
+
 def test_existing_output_folder_is_kept(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
