@@ -52,6 +52,7 @@ DTYPES: dict[int, tuple[str, np.dtype | None]] = {
     22: ("uint32", np.dtype("uint32")),
     23: ("uint64", np.dtype("uint64")),
 }
+DTYPES_BY_NAME = {name: dtype for name, dtype in DTYPES.values() if dtype is not None}
 
 
 class CheckpointError(ValueError):
@@ -442,6 +443,3 @@ class TFCheckpointReader:
             raise CheckpointError(f"{what}: lengths do not add up to its {len(data)} stored bytes")
         packed = b"".join(n.to_bytes(4 if n <= 0xFFFFFFFF else 8, "little") for n in lengths)
         return out.reshape(entry.shape), packed + length_checksum + b"".join(out.tolist())
-
-
-DTYPES_BY_NAME = {name: dtype for name, dtype in DTYPES.values() if dtype is not None}
