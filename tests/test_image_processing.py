@@ -417,7 +417,8 @@ def test_auto_image_processor_loads_the_saved_folder(tmp_path):
     _cifar_processor().save_pretrained(tmp_path)
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, CapsNetImageProcessor)
-    assert loaded.to_dict() == _cifar_processor().to_dict()
+    settings = {key: value for key, value in loaded.to_dict().items() if key != "auto_map"}  # added by export
+    assert settings == {key: value for key, value in _cifar_processor().to_dict().items() if key != "auto_map"}
     assert pixels(loaded, np.zeros((32, 32, 3), np.uint8)).shape == (1, 3, 24, 24)
 
 
