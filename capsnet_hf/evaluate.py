@@ -34,13 +34,13 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, id2label:
     result: dict[str, Any] = {"num_examples": int(scores.shape[0])}
     if labels.dim() == 2:
         correct = metrics.multi_digit_correct(scores, labels)
-        result["accuracy"] = correct.float().mean().item()
+        result["accuracy"] = correct.double().mean().item()
         result["error_percent"] = 100.0 * (1.0 - result["accuracy"])
         result["metric"] = "both digits correct (top-2 capsules = the two labels)"
         return result
     predicted = metrics.predictions(scores)
     confusion = metrics.confusion_matrix(predicted, labels, num_classes)
-    result["accuracy"] = (predicted == labels).float().mean().item()
+    result["accuracy"] = (predicted == labels).double().mean().item()
     result["error_percent"] = 100.0 * (1.0 - result["accuracy"])
     totals = confusion.sum(1)
     result["per_class_accuracy"] = {

@@ -177,8 +177,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--image_size takes height [width], got {args.image_size}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id org/name")
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -253,6 +251,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict[str, An
 
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str:
     if resume_from_checkpoint != "latest":
+        if not os.path.exists(resume_from_checkpoint):
+            raise UsageError(f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist")
         if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE_FILE)):
             raise UsageError(
                 f"{resume_from_checkpoint!r} is not a checkpoint of capsnet-train (no {TRAINING_STATE_FILE})"
@@ -331,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         project_dir=args.output_dir,
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    checkpoint = None
+    if args.resume_from_checkpoint is not None:
+        checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     # ---- Data: load, check and decode once (every problem raises before any training) ----
     try:
@@ -391,9 +394,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # ---- Model, image processor, optimizer, schedule ----
     config = build_config(args, num_channels, image_size, id2label)
-    resuming = args.resume_from_checkpoint is not None
-    check_output_dir(args.output_dir, config, args.overwrite_output_dir, resuming)
-    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if resuming else None
+    check_output_dir(args.output_dir, config, args.overwrite_output_dir, resuming=checkpoint is not None)
     set_seed(args.seed)
     if args.model_name_or_path is not None:
         model = CapsNetForImageClassification.from_pretrained(args.model_name_or_path, config=config)

@@ -144,7 +144,11 @@ def test_eval_transform_matches_the_image_processor():
 def test_cifar_training_transform_shapes_and_statistics():
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     transform = BatchTransform(
-        (24, 24), do_standardize=True, random_crop=True, random_flip=True, max_brightness_delta=63.0,
+        (24, 24),
+        do_standardize=True,
+        random_crop=True,
+        random_flip=True,
+        max_brightness_delta=63.0,
         contrast_range=(0.2, 1.8),
     )
     out = transform(images, make_generator(torch.device("cpu"), 1))

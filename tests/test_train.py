@@ -1,0 +1,252 @@
+"""capsnet-train end to end on CPU: accuracy on real MNIST, exact resume after SIGKILL, 2-process evaluation, the
+saved folder (Auto classes, pipeline, model card) and every bad input refused before training."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_DATASETS
+from safetensors.torch import load_file
+from test_data import write_dataset
+
+from capsnet_hf.train import UsageError, main, parse_args
+
+# A CapsNet small enough for 16x16 CPU tests (18 primary capsules).
+TINY_MODEL = [
+    "--conv1_channels", "8", "--conv1_kernel_size", "5", "--primary_capsule_types", "2",
+    "--primary_capsule_dim", "4", "--primary_kernel_size", "5", "--capsule_dim", "6",
+    "--decoder_hidden_sizes", "16", "32",
+]  # fmt: skip
+MNIST_ACCURACY_FLOOR = 0.88
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    return write_dataset(tmp_path / "data", {"train": 64, "test": 37}, size=(16, 16))
+
+
+def tiny_args(dataset, output_dir, *extra):
+    return [
+        "--dataset_name", dataset, "--output_dir", str(output_dir), *TINY_MODEL,
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--report_to", "none",
+        "--logging_steps", "2", *extra,
+    ]  # fmt: skip
+
+
+def subprocess_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """150 steps of a small CapsNet on 2,000 real MNIST training digits, evaluated on 500 test digits."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    dataset = SHARED_DATASETS / "mnist"
+    if not dataset.is_dir():
+        pytest.skip(f"the shared MNIST copy is not at {dataset}")
+    output_dir = tmp_path_factory.mktemp("mnist") / "capsnet-mnist"
+    argv = [
+        "--dataset_name", str(dataset), "--dataset_hub_id", "ylecun/mnist", "--output_dir", str(output_dir),
+        "--max_train_samples", "2000", "--max_eval_samples", "500", "--max_train_steps", "150",
+        "--per_device_train_batch_size", "32", "--learning_rate", "0.003", "--conv1_channels", "16",
+        "--primary_capsule_types", "4", "--capsule_dim", "8", "--decoder_hidden_sizes", "64", "128",
+        "--seed", "0", "--report_to", "none",
+    ]  # fmt: skip
+    results = main(argv)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return output_dir, results
+
+
+def test_mnist_subset_reaches_the_accuracy_floor(mnist_run):
+    output_dir, results = mnist_run
+    assert results["eval_num_examples"] == 500
+    assert results["eval_accuracy"] >= MNIST_ACCURACY_FLOOR
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert eval_results["eval_accuracy"] == results["eval_accuracy"]
+    assert sum(map(sum, eval_results["eval_confusion_matrix"])) == 500
+    train_results = json.loads((output_dir / "train_results.json").read_text())
+    assert train_results["train_steps"] == 150 and train_results["train_examples_seen"] == 150 * 32
+    log = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    assert any("train_loss" in entry for entry in log) and any("eval_accuracy" in entry for entry in log)
+
+
+def test_saved_folder_loads_with_auto_classes_and_pipeline(mnist_run, mnist_fixture_images):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    output_dir, _ = mnist_run
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "reconstructions.png").is_file()
+    model = AutoModelForImageClassification.from_pretrained(output_dir)
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    assert model.config.id2label[7] == "7" and list(model.config.image_size) == [28, 28]
+    classifier = pipeline("image-classification", model=model, image_processor=processor)
+    predictions = [classifier(image, top_k=1)[0]["label"] for image, _ in mnist_fixture_images]
+    assert predictions == [str(label) for _, label in mnist_fixture_images]
+    assert Image.open(output_dir / "reconstructions.png").size[0] > 100
+
+
+def test_model_card_holds_the_measured_accuracy(mnist_run):
+    from huggingface_hub import ModelCard
+
+    output_dir, results = mnist_run
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    assert card.data.datasets == ["ylecun/mnist"]
+    (result,) = card.data.eval_results
+    assert result.metric_type == "accuracy" and result.metric_value == round(results["eval_accuracy"], 6)
+    assert "trust_remote_code=True" in card.text and "reconstructions.png" in card.text
+    assert f"{results['eval_accuracy']:.4f}" in card.text
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_weights(tmp_path, tiny_dataset):
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the killed run uses one thread too: same float reductions
+    try:
+        killed_dir = tmp_path / "killed"
+        command = [sys.executable, "-m", "capsnet_hf.train", *tiny_args(tiny_dataset, killed_dir)]
+        command += ["--max_train_steps", "100000", "--checkpointing_steps", "3", "--seed", "3"]
+        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 240
+        while not (killed_dir / "checkpoints" / "step_6").is_dir():
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+        assert process.returncode == -signal.SIGKILL
+        steps = sorted(int(name[5:]) for name in os.listdir(killed_dir / "checkpoints") if name.startswith("step_"))
+        assert len(steps) <= 2 and steps[-1] >= 6  # --checkpoints_total_limit 2 (default)
+        total = str(steps[-1] + 5)
+
+        main(tiny_args(tiny_dataset, killed_dir, "--max_train_steps", total, "--seed", "3",
+                       "--resume_from_checkpoint", "latest"))  # fmt: skip
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        reference_dir = tmp_path / "reference"
+        main(tiny_args(tiny_dataset, reference_dir, "--max_train_steps", total, "--seed", "3"))
+    finally:
+        torch.set_num_threads(torch_threads)
+    resumed, reference = load_file(killed_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    initial = load_file(killed_dir / "checkpoints" / f"step_{steps[-1]}" / "model.safetensors")
+    assert not all(torch.equal(initial[name], reference[name]) for name in reference)  # training went on
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_process_cpu_run_counts_every_test_example_once(tmp_path, tiny_dataset):
+    output_dir = tmp_path / "ddp"
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    command = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "-m", "capsnet_hf.train", *tiny_args(tiny_dataset, output_dir, "--max_train_steps", "4"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, env=dict(subprocess_env(), ACCELERATE_USE_CPU="1"), capture_output=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    train_results = json.loads((output_dir / "train_results.json").read_text())
+    assert train_results["num_processes"] == 2 and train_results["train_examples_seen"] == 4 * 8 * 2
+    assert eval_results["eval_num_examples"] == 37  # 37 = 2 x 18 + 1: the padded duplicate is dropped
+    assert sum(map(sum, eval_results["eval_confusion_matrix"])) == 37
+
+
+def test_recipe_config_file_and_command_line_precedence(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("learning_rate: 0.01\nmax_shift: 1\nrouting_iterations: 2\n")
+    args = parse_args(["--dataset_name", "x", "--output_dir", "y", "--recipe", "mnist", "--config_file", str(config),
+                       "--routing_iterations", "4"])  # fmt: skip
+    assert args.augmentation == "shift" and args.lr_decay_steps == 2000 and args.per_device_train_batch_size == 128
+    assert args.learning_rate == 0.01 and args.max_shift == 1 and args.routing_iterations == 4
+    cifar = parse_args(["--dataset_name", "x", "--output_dir", "y", "--recipe", "cifar10", "--use_decoder", "true"])
+    assert cifar.leaky_routing and cifar.padding == "same" and cifar.primary_capsule_types == 64
+    assert cifar.image_size == [24, 24] and cifar.do_standardize and cifar.use_decoder
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"no_such_flag": 1}))
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_name", "x", "--output_dir", "y", "--config_file", str(bad)])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown_dataset", "cannot load dataset"),
+        ("unknown_split", "no split 'validation'"),
+        ("missing_column", "no image column"),
+        ("ambiguous_column", "ambiguous label column"),
+        ("labels_out_of_range", r"must lie in \[0, 4\)"),
+        ("mixed_sizes", "mixed sizes"),
+        ("different_model", "holds a different model"),
+        ("missing_resume_path", "does not exist"),
+        ("no_checkpoint", "no checkpoint"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, case, message):
+    from capsnet_hf import CapsNetConfig
+
+    data = tmp_path / "data"
+    data.mkdir()
+    output_dir = tmp_path / "out"
+    extra = []
+    if case == "unknown_dataset":
+        dataset = str(tmp_path / "nowhere")
+    elif case == "missing_column":
+        dataset = write_dataset(data, {"train": 8, "test": 4}, columns=("pixels", "label"))
+    elif case == "ambiguous_column":
+        import datasets
+
+        dataset = write_dataset(data, {"train": 8, "test": 4})
+        for split in ("train", "test"):
+            table = datasets.Dataset.from_parquet(str(data / f"{split}.parquet"))
+            table.add_column("labels", table["label"]).to_parquet(str(data / f"{split}.parquet"))
+    elif case == "labels_out_of_range":
+        dataset = write_dataset(data, {"train": 8, "test": 2}, labels={"train": [0, 1, 2, 3] * 2, "test": [1, 4]})
+    elif case == "mixed_sizes":
+        dataset = write_dataset(data, {"train": 8, "test": 2}, size=[(16, 16)] * 7 + [(18, 16)])
+    else:
+        dataset = write_dataset(data, {"train": 8, "test": 4})
+    if case == "unknown_split":
+        extra = ["--eval_split_name", "validation"]
+    elif case == "different_model":
+        CapsNetConfig(num_labels=7).save_pretrained(output_dir)
+    elif case == "missing_resume_path":
+        extra = ["--resume_from_checkpoint", str(tmp_path / "no_such_checkpoint")]
+    elif case == "no_checkpoint":
+        extra = ["--resume_from_checkpoint", "latest"]
+    with pytest.raises(UsageError, match=message):
+        main(tiny_args(dataset, output_dir, "--max_train_steps", "1", *extra))
+    if case == "different_model":
+        assert "model.safetensors" not in os.listdir(output_dir) and "checkpoints" not in os.listdir(output_dir)
+    else:
+        assert not output_dir.exists()  # nothing written
