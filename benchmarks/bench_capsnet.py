@@ -1,0 +1,350 @@
+"""Speed and memory of CapsNet training and inference against the bound set by its two convolutions.
+
+For every (image size, batch size) it builds the MNIST-geometry CapsNet (28 px is the paper's model; larger sizes
+grow the primary-capsule grid), and times, interleaved round-robin so that machine load hits all of them alike:
+
+- ``conv_fwd`` / ``conv_fwd_bwd``: conv1 + primary conv alone (no ReLU, no capsules), forward / forward + backward
+  of the sum of the primary conv output, parameter gradients only: the bound the capsule layers are measured against;
+- ``infer``: ``CapsNetModel`` forward (no decoder) under ``torch.no_grad``;
+- ``train``: a full ``CapsNetForImageClassification`` step: forward with labels (margin + reconstruction loss),
+  backward, ``torch.optim.Adam`` step;
+- ``train_fused`` (with ``--fused-adam``): the same step with ``torch.optim.Adam(fused=True)``;
+- ``train_saver``: the same step with the memory saver on (``model.activation_checkpointing_enable()``);
+- with ``--compile``: ``infer_compiled`` / ``train_compiled`` with ``torch.compile(model, fullgraph=True)`` (the
+  compile time of the first call is reported apart).
+
+Times are medians (and minima) over ``--repeats`` rounds after ``--warmup`` rounds. ``--memory`` also measures one
+training step, plain and with the memory saver: the peak of tensor memory allocated during the step above what was
+live before it (from the profiler's allocation records on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), and the
+bytes autograd saved for backward (unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``).
+
+Example:
+    python benchmarks/bench_capsnet.py --device cpu --threads 2 --batch-size 32 128 --image-size 28 40 64 \
+        --compile --memory --json benchmarks/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from capsnet_hf import CapsNetConfig, CapsNetForImageClassification
+
+MIB = 2**20
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(config: CapsNetConfig, device: torch.device, state: dict | None, memory_saver: bool):
+    model = CapsNetForImageClassification(config).to(device).train()
+    if state is not None:
+        model.load_state_dict(state)
+    if memory_saver:
+        model.activation_checkpointing_enable()
+    return model
+
+
+def make_train_step(
+    model, forward: Callable, pixels: torch.Tensor, labels: torch.Tensor, fused: bool = False
+) -> Callable[[], None]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward(pixel_values=pixels, labels=labels).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def make_conv_functions(model, pixels: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    encoder = model.capsnet.members[0]
+    conv1, primary_conv = encoder.conv1, encoder.primary_capsules.conv
+    parameters = [*conv1.parameters(), *primary_conv.parameters()]
+
+    def conv_fwd() -> None:
+        with torch.no_grad():
+            primary_conv(conv1(pixels))
+
+    def conv_fwd_bwd() -> None:
+        for parameter in parameters:
+            parameter.grad = None
+        primary_conv(conv1(pixels)).sum().backward()
+
+    return conv_fwd, conv_fwd_bwd
+
+
+def time_interleaved(
+    functions: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Run every function `warmup` times, then `repeats` rounds of all of them in turn; seconds per call."""
+
+    def timed(function: Callable[[], None]) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        for function in functions.values():
+            timed(function)
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(timed(function))
+    return times
+
+
+def saved_tensor_bytes(function: Callable[[], None]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `function` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return sum(storages.values())
+
+
+def peak_step_memory(function: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes of tensor memory allocated while `function` runs, above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        function()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        function()
+    # Allocations are charged to the operator that made them (self memory) at its start, frees are "[memory]" events.
+    changes = sorted(
+        (event.time_range.start, event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage)
+        for event in prof.events()
+    )
+    return max(itertools.accumulate(change for _, change in changes), default=0)
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    return {
+        "median_ms": 1e3 * statistics.median(samples),
+        "min_ms": 1e3 * min(samples),
+        "max_ms": 1e3 * max(samples),
+        "samples_ms": [1e3 * s for s in samples],
+    }
+
+
+def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, device: torch.device) -> dict:
+    config = CapsNetConfig(image_size=image_size)
+    torch.manual_seed(0)
+    model = build_model(config, device, None, memory_saver=False)
+    state = model.state_dict()
+    pixels = torch.rand(batch_size, 1, image_size, image_size, device=device)
+    labels = torch.randint(0, config.num_labels, (batch_size,), device=device)
+    conv_fwd, conv_fwd_bwd = make_conv_functions(model, pixels)
+
+    def infer() -> None:
+        with torch.no_grad():
+            model.capsnet(pixels)
+
+    functions = {
+        "conv_fwd": conv_fwd,
+        "conv_fwd_bwd": conv_fwd_bwd,
+        "infer": infer,
+        "train": make_train_step(model, model, pixels, labels),
+    }
+    if args.fused_adam:
+        fused_model = build_model(config, device, state, memory_saver=False)
+        functions["train_fused"] = make_train_step(fused_model, fused_model, pixels, labels, fused=True)
+    saver = None
+    if not args.no_saver:
+        saver = build_model(config, device, state, memory_saver=True)
+        functions["train_saver"] = make_train_step(saver, saver, pixels, labels)
+    result = {"image_size": image_size, "batch_size": batch_size, "num_primary_capsules": config.num_primary_capsules}
+    if args.compile:
+        compiled_model = build_model(config, device, state, memory_saver=False)
+        compiled = torch.compile(compiled_model, fullgraph=True)
+        compiled_encoder = torch.compile(compiled_model.capsnet, fullgraph=True)
+
+        def infer_compiled() -> None:
+            with torch.no_grad():
+                compiled_encoder(pixels)
+
+        train_compiled = make_train_step(compiled_model, compiled, pixels, labels)
+        compile_seconds = {}
+        for name, function in (("infer_compiled", infer_compiled), ("train_compiled", train_compiled)):
+            start = time.perf_counter()
+            function()
+            compile_seconds[name] = time.perf_counter() - start
+            functions[name] = function
+        result["first_call_seconds"] = compile_seconds
+
+    times = time_interleaved(functions, args.repeats, args.warmup, device)
+    result["times"] = {name: summarize(samples) for name, samples in times.items()}
+    median = {name: statistics.median(samples) for name, samples in times.items()}
+    minimum = {name: min(samples) for name, samples in times.items()}
+    ratios = {}
+    for name in median:
+        bound = "conv_fwd" if name.startswith("infer") else "conv_fwd_bwd"
+        if not name.startswith("conv"):
+            ratios[name] = {"median": median[name] / median[bound], "min": minimum[name] / minimum[bound]}
+    result["ratio_to_conv_bound"] = ratios
+    if saver is not None:
+        result["saver_time_ratio"] = median["train_saver"] / median["train"]
+
+    if args.memory:
+        del functions
+        memory = {}
+        variants = [("train", model)] + ([] if saver is None else [("train_saver", saver)])
+        for name, variant in variants:
+            step = make_train_step(variant, variant, pixels, labels)
+            step()  # gradients and Adam state exist before the measured step, as in training
+            memory[name] = {
+                "peak_mib": peak_step_memory(step, device) / MIB,
+                "saved_for_backward_mib": saved_tensor_bytes(lambda v=variant: v(pixels, labels=labels).loss) / MIB,
+            }
+        if saver is not None:
+            memory["saver_peak_reduction"] = memory["train"]["peak_mib"] / memory["train_saver"]["peak_mib"]
+        result["memory"] = memory
+    return result
+
+
+def machine_details(device: torch.device) -> dict:
+    details = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        details["cpu_model"] = names[0] if names else None
+    except OSError:
+        pass
+    if device.type == "cuda":
+        details["gpu"] = torch.cuda.get_device_name(device)
+    return details
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def print_table(results: list[dict]) -> None:
+    """One line per case: median times (ms), each followed by its ratio to the conv-only bound, then memory."""
+    columns = ["conv_fwd", "infer", "infer_compiled", "conv_fwd_bwd", "train", "train_fused", "train_compiled"]
+    columns += ["train_saver"]
+    present = [name for name in columns if any(name in r["times"] for r in results)]
+    header = f"{'px':>4} {'B':>4} {'I':>6} |" + "".join(
+        f" {name:>14}" if name.startswith("conv") else f" {name:>14} {'x':>5}" for name in present
+    )
+    header += f" | {'peak MiB':>9} {'saver MiB':>9} {'saved MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        line = f"{r['image_size']:>4} {r['batch_size']:>4} {r['num_primary_capsules']:>6} |"
+        for name in present:
+            time_ms = r["times"].get(name, {}).get("median_ms")
+            line += f" {time_ms:14.1f}" if time_ms is not None else f" {'-':>14}"
+            if not name.startswith("conv"):
+                ratio = r["ratio_to_conv_bound"].get(name, {}).get("median")
+                line += f" {ratio:5.2f}" if ratio is not None else f" {'-':>5}"
+        memory = r.get("memory", {})
+        for value in (
+            memory.get("train", {}).get("peak_mib"),
+            memory.get("train_saver", {}).get("peak_mib"),
+            memory.get("train", {}).get("saved_for_backward_mib"),
+        ):
+            line += f" {value:9.1f}" if value is not None else f" {'-':>9}"
+        print(line)
+    print("times: median ms over the rounds; x: ratio of medians to the conv-only bound (conv_fwd for inference,")
+    print("conv_fwd_bwd for training); peak: tensor memory allocated during one training step above what was live")
+    print("before it; saved: bytes saved for backward by the plain step.")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically: a temporary file in the same folder, moved into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(payload, handle, indent=1)
+    os.replace(handle.name, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's figures use 2)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--image-size", type=int, nargs="+", default=[28])
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model, fullgraph=True)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory of one training step")
+    parser.add_argument("--no-saver", action="store_true", help="skip the memory-saver training step")
+    parser.add_argument(
+        "--fused-adam", action="store_true", help="also time the train step with Adam(fused=True) ('train_fused')"
+    )
+    parser.add_argument("--json", type=Path, help="write all results here")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if min(args.batch_size) < 1 or min(args.image_size) < 25:
+        parser.error("batch sizes must be >= 1 and image sizes >= 25 (two valid 9x9 convolutions, stride 2)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    results = []
+    for image_size, batch_size in itertools.product(args.image_size, args.batch_size):
+        load_before = load_average()
+        result = bench_case(image_size, batch_size, args, device)
+        result["load_average_before"] = load_before
+        result["load_average_after"] = load_average()
+        results.append(result)
+        print(
+            f"done {image_size}px batch {batch_size}: load {load_before} -> {result['load_average_after']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print_table(results)
+    if args.json is not None:
+        payload = {"machine": machine_details(device), "args": {k: str(v) for k, v in vars(args).items()}}
+        payload["results"] = results
+        write_json(args.json, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
