@@ -15,8 +15,9 @@ grow the primary-capsule grid), and times, interleaved round-robin so that machi
 
 Times are medians (and minima) over ``--repeats`` rounds after ``--warmup`` rounds. ``--memory`` also measures one
 training step, plain and with the memory saver: the peak of tensor memory allocated during the step above what was
-live before it (from the profiler's allocation records on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), and the
-bytes autograd saved for backward (unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``).
+live before it (from the profiler's allocation records on CPU, ``torch.cuda.max_memory_allocated`` on CUDA; it
+includes the step's new parameter gradients), and the bytes autograd saved for backward (distinct storages other than
+the parameters, seen by ``torch.autograd.graph.saved_tensors_hooks``). ``--memory-only`` skips the timings.
 
 Example:
     python benchmarks/bench_capsnet.py --device cpu --threads 2 --batch-size 32 128 --image-size 28 40 64 \
@@ -111,13 +112,15 @@ def time_interleaved(
     return times
 
 
-def saved_tensor_bytes(function: Callable[[], None]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while `function` runs."""
+def saved_tensor_bytes(function: Callable[[], None], model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages, other than the model's parameters, autograd saves while `function` runs."""
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -198,6 +201,8 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
             functions[name] = function
         result["first_call_seconds"] = compile_seconds
 
+    if args.memory_only:
+        functions = {}
     times = time_interleaved(functions, args.repeats, args.warmup, device)
     result["times"] = {name: summarize(samples) for name, samples in times.items()}
     median = {name: statistics.median(samples) for name, samples in times.items()}
@@ -208,10 +213,10 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         if not name.startswith("conv"):
             ratios[name] = {"median": median[name] / median[bound], "min": minimum[name] / minimum[bound]}
     result["ratio_to_conv_bound"] = ratios
-    if saver is not None:
+    if "train_saver" in median:
         result["saver_time_ratio"] = median["train_saver"] / median["train"]
 
-    if args.memory:
+    if args.memory or args.memory_only:
         del functions
         memory = {}
         variants = [("train", model)] + ([] if saver is None else [("train_saver", saver)])
@@ -220,7 +225,8 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
             step()  # gradients and Adam state exist before the measured step, as in training
             memory[name] = {
                 "peak_mib": peak_step_memory(step, device) / MIB,
-                "saved_for_backward_mib": saved_tensor_bytes(lambda v=variant: v(pixels, labels=labels).loss) / MIB,
+                "saved_for_backward_mib": saved_tensor_bytes(lambda v=variant: v(pixels, labels=labels).loss, variant)
+                / MIB,
             }
         if saver is not None:
             memory["saver_peak_reduction"] = memory["train"]["peak_mib"] / memory["train_saver"]["peak_mib"]
@@ -307,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model, fullgraph=True)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory of one training step")
     parser.add_argument("--no-saver", action="store_true", help="skip the memory-saver training step")
+    parser.add_argument("--memory-only", action="store_true", help="measure memory, skip the timings")
     parser.add_argument(
         "--fused-adam", action="store_true", help="also time the train step with Adam(fused=True) ('train_fused')"
     )
