@@ -27,8 +27,12 @@ LABEL_COLUMN_CANDIDATES = ("label", "labels")
 RESIZE_MODES = ("resize", "crop_or_pad")
 
 
-class DataError(ValueError):
-    """Bad data-set input (unknown data set/split, columns, labels, image sizes), raised before any training."""
+class UsageError(ValueError):
+    """Bad input to `capsnet-train`/`capsnet-eval`, raised before any training or evaluation starts."""
+
+
+class DataError(UsageError):
+    """Bad data-set input (unknown data set/split, columns, labels, image sizes)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -498,4 +502,5 @@ __all__ = [
     "make_generator",
     "standardize_per_image",
     "translate_crop",
+    "UsageError",
 ]

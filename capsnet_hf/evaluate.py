@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import metrics
-from .data import PAPER_DATASETS, BatchTransform, DataError, load_paper_splits, load_splits
+from .data import PAPER_DATASETS, BatchTransform, UsageError, load_paper_splits, load_splits
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, id2label: dict[int, str]) -> dict[str, Any]:
@@ -130,7 +130,7 @@ def load_models(paths: Sequence[str], trust_remote_code: bool = False) -> tuple[
         try:
             models.append(AutoModelForImageClassification.from_pretrained(path, trust_remote_code=trust_remote_code))
         except OSError as error:
-            raise ValueError(f"cannot load a model from {path!r}: {error}") from error
+            raise UsageError(f"cannot load a model from {path!r}: {error}") from error
     first = models[0].config
     for path, model in zip(paths, models, strict=True):
         config = model.config
@@ -139,7 +139,7 @@ def load_models(paths: Sequence[str], trust_remote_code: bool = False) -> tuple[
             list(first.image_size),
             first.num_labels,
         ):
-            raise ValueError(f"{path!r} takes other inputs or classes than {paths[0]!r}: they cannot be ensembled")
+            raise UsageError(f"{path!r} takes other inputs or classes than {paths[0]!r}: they cannot be ensembled")
     try:
         processor = CapsNetImageProcessor.from_pretrained(paths[0])
     except OSError:  # a folder without preprocessor_config.json: the processor matching the model's geometry
@@ -147,7 +147,18 @@ def load_models(paths: Sequence[str], trust_remote_code: bool = False) -> tuple[
     return models, processor
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`capsnet-eval`): 0 on success, 2 with a one-line message on bad input."""
+    try:
+        evaluate(argv)
+    except UsageError as error:
+        print(f"capsnet-eval: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse `argv`, evaluate, print (and write) the JSON metrics and return them; bad input raises `UsageError`."""
     from accelerate import Accelerator
 
     args = parse_args(argv)
@@ -156,35 +167,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     models, processor = load_models(paths, args.trust_remote_code)
     config = models[0].config
     id2label = {int(key): value for key, value in config.id2label.items()}
-    try:
-        if args.dataset_name in PAPER_DATASETS:
-            splits = load_paper_splits(
-                args.dataset_name,
-                args.source_dataset_name,
-                train=False,
-                variants_per_digit=1,
-                eval_variants_per_digit=args.eval_variants_per_digit,
-                seed=args.seed,
-                max_eval_samples=args.max_eval_samples,
-                device=accelerator.device,
-            )
-        else:
-            splits = load_splits(
-                args.dataset_name,
-                None,
-                args.split,
-                dataset_config_name=args.dataset_config_name,
-                image_column=args.image_column_name,
-                label_column=args.label_column_name,
-                max_eval_samples=args.max_eval_samples,
-                image_size=None if processor.resize_mode == "crop_or_pad" else list(config.image_size),
-                resize_mode=processor.resize_mode,
-                num_classes=config.num_labels,
-                num_channels=config.num_channels,
-                seed=args.seed,
-            )
-    except DataError as error:
-        raise SystemExit(f"capsnet-eval: error: {error}") from error
+    if args.dataset_name in PAPER_DATASETS:
+        splits = load_paper_splits(
+            args.dataset_name,
+            args.source_dataset_name,
+            train=False,
+            variants_per_digit=1,
+            eval_variants_per_digit=args.eval_variants_per_digit,
+            seed=args.seed,
+            max_eval_samples=args.max_eval_samples,
+            device=accelerator.device,
+        )
+    else:
+        splits = load_splits(
+            args.dataset_name,
+            None,
+            args.split,
+            dataset_config_name=args.dataset_config_name,
+            image_column=args.image_column_name,
+            label_column=args.label_column_name,
+            max_eval_samples=args.max_eval_samples,
+            image_size=None if processor.resize_mode == "crop_or_pad" else list(config.image_size),
+            resize_mode=processor.resize_mode,
+            num_classes=config.num_labels,
+            num_channels=config.num_channels,
+            seed=args.seed,
+        )
     dataset = splits.eval
     if hasattr(dataset, "to"):
         dataset = dataset.to(accelerator.device)
@@ -217,4 +225,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

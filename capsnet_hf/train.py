@@ -34,7 +34,7 @@ import torch
 from .data import (
     PAPER_DATASETS,
     BatchTransform,
-    DataError,
+    UsageError,
     epoch_permutation,
     load_paper_splits,
     load_splits,
@@ -68,10 +68,6 @@ MODEL_ARGUMENTS: dict[str, Any] = {
     "reconstruction_loss_weight": float,
     "margin_loss_reduction": str,
 }
-
-
-class UsageError(ValueError):
-    """Bad command-line input, raised before any training starts."""
 
 
 def _bool(value: str | bool) -> bool:
@@ -313,7 +309,19 @@ def build_config(args: argparse.Namespace, num_channels: int, image_size: Sequen
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`capsnet-train`): 0 on success, 2 with a one-line message on bad input."""
+    try:
+        train(argv)
+    except UsageError as error:
+        print(f"capsnet-train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse `argv`, train, save (and push); returns the train and evaluation results. Bad input raises
+    `UsageError` before any training."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -336,39 +344,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     # ---- Data: load, check and decode once (every problem raises before any training) ----
-    try:
-        if args.dataset_name in PAPER_DATASETS:
-            splits = load_paper_splits(
-                args.dataset_name,
-                args.source_dataset_name,
-                train=True,
-                variants_per_digit=args.variants_per_digit,
-                eval_variants_per_digit=args.eval_variants_per_digit,
-                seed=args.seed,
-                max_train_samples=args.max_train_samples,
-                max_eval_samples=args.max_eval_samples,
-                device=device,
-            )
-            num_channels, data_size = 1, (splits.train.canvas_size, splits.train.canvas_size)
-        else:
-            splits = load_splits(
-                args.dataset_name,
-                args.train_split_name,
-                args.eval_split_name,
-                dataset_config_name=args.dataset_config_name,
-                image_column=args.image_column_name,
-                label_column=args.label_column_name,
-                max_train_samples=args.max_train_samples,
-                max_eval_samples=args.max_eval_samples,
-                image_size=args.image_size if args.resize_mode == "resize" else None,
-                resize_mode=args.resize_mode,
-                seed=args.seed,
-                train_val_split=args.train_val_split,
-            )
-            splits.train, splits.eval = splits.train.to(device), splits.eval.to(device)
-            num_channels, data_size = splits.train.num_channels, splits.train.image_size
-    except DataError as error:
-        raise UsageError(str(error)) from error
+    if args.dataset_name in PAPER_DATASETS:
+        splits = load_paper_splits(
+            args.dataset_name,
+            args.source_dataset_name,
+            train=True,
+            variants_per_digit=args.variants_per_digit,
+            eval_variants_per_digit=args.eval_variants_per_digit,
+            seed=args.seed,
+            max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+            device=device,
+        )
+        num_channels, data_size = 1, (splits.train.canvas_size, splits.train.canvas_size)
+    else:
+        splits = load_splits(
+            args.dataset_name,
+            args.train_split_name,
+            args.eval_split_name,
+            dataset_config_name=args.dataset_config_name,
+            image_column=args.image_column_name,
+            label_column=args.label_column_name,
+            max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+            image_size=args.image_size if args.resize_mode == "resize" else None,
+            resize_mode=args.resize_mode,
+            seed=args.seed,
+            train_val_split=args.train_val_split,
+        )
+        splits.train, splits.eval = splits.train.to(device), splits.eval.to(device)
+        num_channels, data_size = splits.train.num_channels, splits.train.image_size
     train_data, eval_data, id2label = splits.train, splits.eval, splits.id2label
     image_size = tuple(args.image_size or data_size)
     if args.augmentation == "cifar" and any(s > d for s, d in zip(image_size, data_size, strict=True)):
@@ -639,7 +644,4 @@ def save_reconstruction_figure(model, eval_data, eval_transform, path: str, coun
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as error:
-        sys.exit(f"capsnet-train: error: {error}")
+    sys.exit(main())

@@ -7,9 +7,9 @@ import torch
 from test_data import write_dataset
 from test_train import fresh_accelerate_state, tiny_args  # noqa: F401  (fixture)
 
-from capsnet_hf.evaluate import classification_metrics
-from capsnet_hf.evaluate import main as evaluate_main
-from capsnet_hf.train import main as train_main
+from capsnet_hf.data import UsageError
+from capsnet_hf.evaluate import classification_metrics, evaluate, main
+from capsnet_hf.train import train
 
 
 def test_classification_metrics_single_label():
@@ -32,7 +32,7 @@ def test_classification_metrics_two_hot_multimnist():
 def trained(tmp_path):
     dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 11})
     output_dir = tmp_path / "model"
-    train_main(tiny_args(dataset, output_dir, "--max_train_steps", "2"))
+    train(tiny_args(dataset, output_dir, "--max_train_steps", "2"))
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -43,7 +43,7 @@ def trained(tmp_path):
 def test_eval_of_a_saved_model_matches_training_and_writes_json(trained, tmp_path):
     dataset, model_dir = trained
     output_file = tmp_path / "results" / "eval.json"
-    result = evaluate_main(["--model_name_or_path", str(model_dir), "--dataset_name", dataset, "--split", "test",
+    result = evaluate(["--model_name_or_path", str(model_dir), "--dataset_name", dataset, "--split", "test",
                             "--per_device_eval_batch_size", "4", "--output_file", str(output_file)])  # fmt: skip
     from_training = json.loads((model_dir / "eval_results.json").read_text())
     assert result["num_examples"] == 11
@@ -56,21 +56,23 @@ def test_ensemble_sums_capsule_lengths(trained):
     from accelerate.state import AcceleratorState
 
     dataset, model_dir = trained
-    single = evaluate_main(["--model_name_or_path", str(model_dir), "--dataset_name", dataset])
+    single = evaluate(["--model_name_or_path", str(model_dir), "--dataset_name", dataset])
     AcceleratorState._reset_state(reset_partial_state=True)
-    ensemble = evaluate_main(["--ensemble", str(model_dir), str(model_dir), "--dataset_name", dataset])
+    ensemble = evaluate(["--ensemble", str(model_dir), str(model_dir), "--dataset_name", dataset])
     assert ensemble["models"] == [str(model_dir)] * 2
     assert ensemble["confusion_matrix"] == single["confusion_matrix"] and "loss" not in ensemble
 
 
 def test_eval_rejects_an_unknown_split(trained):
     dataset, model_dir = trained
-    with pytest.raises(SystemExit, match="no split 'validation'"):
-        evaluate_main(["--model_name_or_path", str(model_dir), "--dataset_name", dataset, "--split", "validation"])
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", dataset, "--split", "validation"]
+    with pytest.raises(UsageError, match="no split 'validation'"):
+        evaluate(argv)
+    assert main(argv) == 2
 
 
 def test_eval_rejects_labels_the_model_does_not_have(trained, tmp_path):
     _, model_dir = trained
     other = write_dataset(tmp_path / "other", {"test": 3}, labels={"test": [0, 1, 5]})
-    with pytest.raises(SystemExit, match=r"must lie in \[0, 4\)"):
-        evaluate_main(["--model_name_or_path", str(model_dir), "--dataset_name", other])
+    with pytest.raises(UsageError, match=r"must lie in \[0, 4\)"):
+        evaluate(["--model_name_or_path", str(model_dir), "--dataset_name", other])

@@ -8,7 +8,7 @@ from test_data import write_dataset
 from test_train import fresh_accelerate_state, tiny_args  # noqa: F401  (fixture)
 
 from capsnet_hf import hub
-from capsnet_hf.train import main
+from capsnet_hf.train import train
 
 
 class FakeHfApi:
@@ -72,7 +72,7 @@ def test_find_template():
 def test_train_push_to_hub_publishes_the_model_folder_with_our_card(tmp_path, fake_api):
     dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 6})
     output_dir = tmp_path / "out"
-    main(tiny_args(dataset, output_dir, "--max_train_steps", "2", "--checkpointing_steps", "1",
+    train(tiny_args(dataset, output_dir, "--max_train_steps", "2", "--checkpointing_steps", "1",
                    "--push_to_hub", "--hub_model_id", "org/tiny-capsnet", "--hub_private_repo"))  # fmt: skip
     create_repo = dict(fake_api.calls)["create_repo"]
     assert create_repo["repo_id"] == "org/tiny-capsnet" and create_repo["private"] is True

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, SHARED_DATASETS
 from safetensors.torch import load_file
 from test_data import write_dataset
 
-from capsnet_hf.train import UsageError, main, parse_args
+from capsnet_hf.train import UsageError, main, parse_args, train
 
 # A CapsNet small enough for 16x16 CPU tests (18 primary capsules).
 TINY_MODEL = [
@@ -71,7 +71,7 @@ def mnist_run(tmp_path_factory):
         "--primary_capsule_types", "4", "--capsule_dim", "8", "--decoder_hidden_sizes", "64", "128",
         "--seed", "0", "--report_to", "none",
     ]  # fmt: skip
-    results = main(argv)
+    results = train(argv)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     return output_dir, results
@@ -125,28 +125,32 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_weights(tmp_path, tin
         killed_dir = tmp_path / "killed"
         command = [sys.executable, "-m", "capsnet_hf.train", *tiny_args(tiny_dataset, killed_dir)]
         command += ["--max_train_steps", "100000", "--checkpointing_steps", "3", "--seed", "3"]
-        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 240
-        while not (killed_dir / "checkpoints" / "step_6").is_dir():
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        process.stderr.close()
+        log_path = tmp_path / "killed.log"
+        with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the run
+            process = subprocess.Popen(command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.time() + 240
+                while not (killed_dir / "checkpoints" / "step_6").is_dir():
+                    assert process.poll() is None, log_path.read_text()[-2000:]
+                    assert time.time() < deadline, "no checkpoint after 240 s"
+                    time.sleep(0.05)
+            finally:
+                if process.poll() is None:
+                    os.kill(process.pid, signal.SIGKILL)
+                process.wait()
         assert process.returncode == -signal.SIGKILL
         steps = sorted(int(name[5:]) for name in os.listdir(killed_dir / "checkpoints") if name.startswith("step_"))
         assert len(steps) <= 2 and steps[-1] >= 6  # --checkpoints_total_limit 2 (default)
         total = str(steps[-1] + 5)
 
-        main(tiny_args(tiny_dataset, killed_dir, "--max_train_steps", total, "--seed", "3",
+        train(tiny_args(tiny_dataset, killed_dir, "--max_train_steps", total, "--seed", "3",
                        "--resume_from_checkpoint", "latest"))  # fmt: skip
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         reference_dir = tmp_path / "reference"
-        main(tiny_args(tiny_dataset, reference_dir, "--max_train_steps", total, "--seed", "3"))
+        train(tiny_args(tiny_dataset, reference_dir, "--max_train_steps", total, "--seed", "3"))
     finally:
         torch.set_num_threads(torch_threads)
     resumed, reference = load_file(killed_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
@@ -245,8 +249,28 @@ def test_bad_input_fails_before_training(tmp_path, case, message):
     elif case == "no_checkpoint":
         extra = ["--resume_from_checkpoint", "latest"]
     with pytest.raises(UsageError, match=message):
-        main(tiny_args(dataset, output_dir, "--max_train_steps", "1", *extra))
+        train(tiny_args(dataset, output_dir, "--max_train_steps", "1", *extra))
+    if case == "unknown_dataset":  # the console entry point prints the same message and exits with status 2
+        assert main(tiny_args(dataset, output_dir, *extra)) == 2
     if case == "different_model":
         assert "model.safetensors" not in os.listdir(output_dir) and "checkpoints" not in os.listdir(output_dir)
     else:
         assert not output_dir.exists()  # nothing written
+
+
+def test_multimnist_two_hot_training_with_accumulation_and_bf16(tmp_path):
+    """The generated MultiMNIST set (two-hot labels, per-digit reconstruction targets) goes through the same loop."""
+    source = SHARED_DATASETS / "mnist"
+    if not source.is_dir():
+        pytest.skip(f"the shared MNIST copy is not at {source}")
+    output_dir = tmp_path / "multimnist"
+    results = train([
+        "--dataset_name", "multimnist", "--source_dataset_name", str(source), "--output_dir", str(output_dir),
+        "--max_train_samples", "64", "--max_eval_samples", "20", "--variants_per_digit", "1", *TINY_MODEL,
+        "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+        "--mixed_precision", "bf16", "--report_to", "none",
+    ])  # fmt: skip
+    assert results["eval_num_examples"] == 20 and results["eval_metric"].startswith("both digits correct")
+    assert results["train_examples_seen"] == 2 * 8 * 2
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["image_size"] == [36, 36] and config["num_channels"] == 1
