@@ -44,7 +44,7 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, id2label:
     result["error_percent"] = 100.0 * (1.0 - result["accuracy"])
     totals = confusion.sum(1)
     result["per_class_accuracy"] = {
-        id2label.get(index, str(index)): (confusion[index, index] / totals[index]).item() if totals[index] else None
+        id2label.get(index, str(index)): int(confusion[index, index]) / int(totals[index]) if totals[index] else None
         for index in range(num_classes)
     }
     result["confusion_matrix"] = confusion.tolist()

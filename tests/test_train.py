@@ -23,7 +23,7 @@ TINY_MODEL = [
     "--primary_capsule_dim", "4", "--primary_kernel_size", "5", "--capsule_dim", "6",
     "--decoder_hidden_sizes", "16", "32",
 ]  # fmt: skip
-MNIST_ACCURACY_FLOOR = 0.88
+MNIST_ACCURACY_FLOOR = 0.87
 
 
 @pytest.fixture(autouse=True)
