@@ -6,6 +6,7 @@ and marks them for export so that `save_pretrained` writes the code and an `auto
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
+from .baseline_cnn import BaselineCNNConfig, BaselineCNNForImageClassification
 from .configuration_capsnet import CapsNetConfig
 from .image_processing_capsnet import CapsNetImageProcessor
 from .modeling_capsnet import (
@@ -19,6 +20,8 @@ from .modeling_capsnet import (
 AutoConfig.register(CapsNetConfig.model_type, CapsNetConfig, exist_ok=True)
 AutoModel.register(CapsNetConfig, CapsNetModel, exist_ok=True)
 AutoModelForImageClassification.register(CapsNetConfig, CapsNetForImageClassification, exist_ok=True)
+AutoConfig.register(BaselineCNNConfig.model_type, BaselineCNNConfig, exist_ok=True)
+AutoModelForImageClassification.register(BaselineCNNConfig, BaselineCNNForImageClassification, exist_ok=True)
 AutoImageProcessor.register(CapsNetConfig, image_processor_classes={"pil": CapsNetImageProcessor}, exist_ok=True)
 
 CapsNetConfig.register_for_auto_class()
@@ -29,6 +32,8 @@ CapsNetImageProcessor.register_for_auto_class("AutoImageProcessor")
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaselineCNNConfig",
+    "BaselineCNNForImageClassification",
     "CapsNetConfig",
     "CapsNetForImageClassification",
     "CapsNetImageClassifierOutput",

@@ -1,4 +1,6 @@
-"""The baseline CNN of "Dynamic Routing Between Capsules" (Sabour, Frosst & Hinton, 2017), Section 5.
+"""The baseline CNN of "Dynamic Routing Between Capsules" (Sabour, Frosst & Hinton, 2017), Section 5, as a small
+transformers model (`BaselineCNNConfig`, model_type "capsnet_baseline_cnn"; `BaselineCNNForImageClassification`),
+so that it trains with `capsnet-train --model_type baseline_cnn` and is scored by `capsnet-eval` like a CapsNet.
 
 The paper: "The baseline is a standard CNN with three convolutional layers of 256, 256, 128 channels. Each has 5x5
 kernels and stride of 1. The last convolutional layers are followed by two fully connected layers of size 328, 192.
@@ -15,6 +17,7 @@ Any pooling, or "valid" padding on 28x28 (a 16x16x128 map: 13.3M parameters), mi
 expanded-MNIST input of the affNIST experiment, "valid" padding gives the same 28x28x128 map and so exactly the same
 35,445,522 parameters ("same" padding there would give 70.2M); `padding="auto"` picks whichever of the two keeps
 the last map at 28x28. Activations are ReLU; the dropout rate (not given in the paper) defaults to 0.5.
+Initialisation is PyTorch's default for `nn.Conv2d`/`nn.Linear` (the paper does not give one).
 """
 
 from __future__ import annotations
@@ -23,77 +26,132 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
 PAPER_PARAMETER_COUNT = 35_445_522  # 28x28x1 input, "same" padding (or 40x40x1 with "valid"): the paper's 35.4M
+MNIST_SIZE = 28
 
 
-class BaselineCNN(nn.Module):
-    """The paper's baseline CNN: three 5x5 stride-1 ReLU convolutions (256, 256, 128 channels), FC 328, FC 192,
-    dropout, and a 10-way softmax classifier (cross-entropy loss).
+class BaselineCNNConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`BaselineCNNForImageClassification`]. The defaults build the paper's 35.4M-parameter baseline
+    for 28x28x1 MNIST.
 
     Args:
-        num_channels: channels of the input image.
-        image_size: height and width of the (square) input.
-        num_labels: number of classes.
-        conv_channels, kernel_size: the convolutions.
-        padding: `"same"`, `"valid"` or `"auto"` (`"same"` for 28x28 inputs, `"valid"` for 40x40 ones: both keep the
-            paper's 35.4M parameters; other sizes use `"same"`).
-        hidden_sizes: the fully connected layers.
-        dropout: dropout rate before the classifier.
-
-    `forward(pixel_values [B, C, H, W], labels [B] | None)` returns an `ImageClassifierOutput` with logits `[B, L]`
-    and, when labels are given, the mean cross-entropy loss, so it trains with the same loops as the CapsNet.
+        num_channels (`int`, defaults to 1): channels of the input image.
+        image_size (`int` or `(height, width)`, defaults to 28): input size (stored as `[height, width]`).
+        conv_channels (`list[int]`, defaults to `[256, 256, 128]`): output channels of the 5x5 stride-1 ReLU convs.
+        kernel_size (`int`, defaults to 5): odd kernel size of every convolution.
+        padding (`str`, defaults to `"auto"`): `"same"`, `"valid"` or `"auto"`, which resolves (and is stored) as
+            `"valid"` when every valid convolution brings the input down to 28x28 (40x40 expanded MNIST: the paper's
+            parameter count) and `"same"` otherwise.
+        hidden_sizes (`list[int]`, defaults to `[328, 192]`): fully connected ReLU layers.
+        dropout (`float`, defaults to 0.5): dropout rate before the softmax classifier.
+        Without `num_labels`/`id2label` there are 10 classes.
     """
+
+    model_type = "capsnet_baseline_cnn"
 
     def __init__(
         self,
         num_channels: int = 1,
-        image_size: int = 28,
-        num_labels: int = 10,
+        image_size: int | Sequence[int] = MNIST_SIZE,
         conv_channels: Sequence[int] = (256, 256, 128),
         kernel_size: int = 5,
         padding: str = "auto",
         hidden_sizes: Sequence[int] = (328, 192),
         dropout: float = 0.5,
+        **kwargs,
     ):
-        super().__init__()
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        if not conv_channels or any(c < 1 for c in conv_channels) or any(h < 1 for h in hidden_sizes):
+            raise ValueError(f"layer sizes must be >= 1, got conv {list(conv_channels)}, hidden {list(hidden_sizes)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        shrink = len(conv_channels) * (kernel_size - 1)
         if padding == "auto":
-            padding = "valid" if image_size == 28 + len(conv_channels) * (kernel_size - 1) else "same"
+            padding = "valid" if (height - shrink, width - shrink) == (MNIST_SIZE, MNIST_SIZE) else "same"
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same', 'valid' or 'auto', got {padding!r}")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if padding == "valid" and min(height, width) - shrink < 1:
+            raise ValueError(
+                f"image_size {[height, width]} is too small for {len(conv_channels)} valid {kernel_size}x{kernel_size}"
+                " convolutions"
+            )
+        self.num_channels = int(num_channels)
+        self.image_size = [int(height), int(width)]
+        self.conv_channels = [int(c) for c in conv_channels]
+        self.kernel_size = int(kernel_size)
         self.padding = padding
-        self.image_size = image_size
+        self.hidden_sizes = [int(h) for h in hidden_sizes]
+        self.dropout = float(dropout)
+        if "num_labels" not in kwargs and "id2label" not in kwargs:
+            kwargs["num_labels"] = 10
+        super().__init__(**kwargs)
+
+    @property
+    def feature_map_size(self) -> tuple[int, int]:
+        """(height, width) of the last convolution's output."""
+        shrink = 0 if self.padding == "same" else len(self.conv_channels) * (self.kernel_size - 1)
+        return self.image_size[0] - shrink, self.image_size[1] - shrink
+
+
+class BaselineCNNPreTrainedModel(PreTrainedModel):
+    config_class = BaselineCNNConfig
+    config: BaselineCNNConfig
+    base_model_prefix = "baseline_cnn"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch's default initialisation of convolutions and linear layers."""
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.reset_parameters()
+
+
+class BaselineCNNForImageClassification(BaselineCNNPreTrainedModel):
+    """The paper's baseline CNN: three 5x5 stride-1 ReLU convolutions (256, 256, 128 channels), FC 328, FC 192 (ReLU),
+    dropout, and a 10-way softmax classifier trained with cross-entropy.
+
+    `forward(pixel_values [B, C, H, W], labels [B] | None)` returns an `ImageClassifierOutput` with logits `[B, L]`
+    (softmax scores) and, when labels are given, the mean cross-entropy loss. Other keyword arguments (keys of a
+    generated data set's batch) are ignored, so it trains and evaluates with `model(**batch)` like the CapsNet.
+    """
+
+    def __init__(self, config: BaselineCNNConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
         layers: list[nn.Module] = []
-        size, channels = image_size, num_channels
-        for out_channels in conv_channels:
-            layers += [nn.Conv2d(channels, out_channels, kernel_size, padding=padding), nn.ReLU()]
+        channels = config.num_channels
+        for out_channels in config.conv_channels:
+            layers += [nn.Conv2d(channels, out_channels, config.kernel_size, padding=config.padding), nn.ReLU()]
             channels = out_channels
-            if padding == "valid":
-                size -= kernel_size - 1
-        if size < 1:
-            raise ValueError(f"image_size {image_size} is too small for {len(conv_channels)} valid convolutions")
         self.features = nn.Sequential(*layers)
+        height, width = config.feature_map_size
         fully_connected: list[nn.Module] = [nn.Flatten()]
-        width = channels * size * size
-        for hidden in hidden_sizes:
-            fully_connected += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
+        size = channels * height * width
+        for hidden in config.hidden_sizes:
+            fully_connected += [nn.Linear(size, hidden), nn.ReLU()]
+            size = hidden
         self.fully_connected = nn.Sequential(*fully_connected)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(width, num_labels)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(size, config.num_labels)
+        self.post_init()
 
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: object
     ) -> ImageClassifierOutput:
-        """Extra keyword arguments (other keys of a data-set batch, e.g. the affNIST-style `transforms`) are ignored,
-        as by the CapsNet models, so both train with `model(**batch)`."""
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
+        expected = (self.config.num_channels, *self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
-                f"pixel_values must be [B, C, {self.image_size}, {self.image_size}], got {tuple(pixel_values.shape)}"
+                f"pixel_values must be [B, {', '.join(map(str, expected))}], got {tuple(pixel_values.shape)}"
             )
+        if labels is not None and labels.dim() != 1:
+            raise ValueError(f"labels must be class indices [B] (single-label softmax), got {tuple(labels.shape)}")
         logits = self.classifier(self.dropout(self.fully_connected(self.features(pixel_values))))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
@@ -104,4 +162,10 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters() if parameter.requires_grad)
 
 
-__all__ = ["PAPER_PARAMETER_COUNT", "BaselineCNN", "count_parameters"]
+__all__ = [
+    "PAPER_PARAMETER_COUNT",
+    "BaselineCNNConfig",
+    "BaselineCNNForImageClassification",
+    "BaselineCNNPreTrainedModel",
+    "count_parameters",
+]
