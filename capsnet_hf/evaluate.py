@@ -61,7 +61,8 @@ def collect_scores(
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """Summed capsule lengths `[N, J]` of `models` on every example of an in-memory dataset, the labels, and the mean
-    loss of a single model (None for an ensemble). Examples are split across processes by a prepared DataLoader of
+    loss of a single model over the batches (None for an ensemble; the loss includes the few padding duplicates of a
+    multi-process run, the scores and labels do not). Examples are split across processes by a prepared DataLoader of
     indices and gathered with `gather_for_metrics`, so each of the N examples counts once."""
     from tqdm.auto import tqdm
 

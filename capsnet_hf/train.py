@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--label_column_name", default=None, help="default: detected ('label' or 'labels')")
     add("--max_train_samples", type=int, default=None)
     add("--max_eval_samples", type=int, default=None)
-    add("--source_dataset_name", default="ylecun/mnist", help="MNIST source of multimnist/expanded_mnist")
+    add(
+        "--source_dataset_name",
+        default="ylecun/mnist",
+        help="MNIST source of multimnist/expanded_mnist (--max_*_samples then count its digits)",
+    )
     add("--variants_per_digit", type=int, default=1000, help="generated training examples per source digit")
     add("--eval_variants_per_digit", type=int, default=1, help="generated test examples per source digit")
     # Preprocessing and augmentation (on the device, per batch).
@@ -453,7 +457,6 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     running = torch.zeros(3, device=device)  # loss, margin loss, reconstruction loss summed since the last log
     window_micro_batches, window_start = 0, time.time()
     order, order_epoch, last_result = None, None, None
-    step = state["step"]
     for step in range(state["step"], max_train_steps):
         epoch, position = divmod(step, steps_per_epoch)
         if order_epoch != epoch:
