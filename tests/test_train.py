@@ -274,3 +274,21 @@ def test_multimnist_two_hot_training_with_accumulation_and_bf16(tmp_path):
     assert results["train_examples_seen"] == 2 * 8 * 2
     config = json.loads((output_dir / "config.json").read_text())
     assert config["image_size"] == [36, 36] and config["num_channels"] == 1
+
+
+def test_cifar10_recipe_on_rgb_images(tmp_path):
+    """The CIFAR-10 preset: 32x32 RGB stored, random 24x24 crops + flip/brightness/contrast + standardization in
+    training, centre crop at test time; SAME padding, leaky routing, no decoder; the processor saved to match."""
+    dataset = write_dataset(tmp_path / "data", {"train": 32, "test": 9}, size=(32, 32), mode="RGB")
+    output_dir = tmp_path / "cifar"
+    tiny = [value for value in TINY_MODEL if value not in ("--decoder_hidden_sizes", "16", "32")]
+    results = train(["--recipe", "cifar10", "--dataset_name", dataset, "--output_dir", str(output_dir), *tiny,
+                     "--per_device_train_batch_size", "8", "--max_train_steps", "2", "--report_to", "none"])  # fmt: skip
+    assert results["eval_num_examples"] == 9
+    config = json.loads((output_dir / "config.json").read_text())
+    assert (config["image_size"], config["num_channels"]) == ([24, 24], 3)
+    assert config["padding"] == "same" and config["leaky_routing"] and not config["use_decoder"]
+    processor = json.loads((output_dir / "preprocessor_config.json").read_text())
+    assert processor["resize_mode"] == "crop_or_pad" and processor["do_standardize"] and not processor["do_rescale"]
+    assert processor["size"] == {"height": 24, "width": 24}
+    assert not (output_dir / "reconstructions.png").exists()
