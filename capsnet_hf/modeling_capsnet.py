@@ -7,6 +7,7 @@ capsules, A primary-capsule dimension (8), K class-capsule dimension (16), M ens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -302,12 +303,14 @@ class CapsNetClassCapsules(nn.Module):
 
     Weight W [I, J, K, A] gives the votes u_hat[b, i, j, k] = sum_a u[b, i, a] W[i, j, k, a] (Eq. 2).
 
-    Memory saver (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, the
-    batch is routed in chunks of at most `checkpoint_votes_per_chunk` vote elements (at least one example) whose
-    votes and routing are recomputed in the backward pass, so only one chunk's votes are alive at a time.
+    Routing is per example, so the batch is routed in chunks of at most `votes_per_chunk` vote elements (16 MiB
+    in float32, at least one example): on CPU, tensors that size are recycled by the allocator, while larger ones are
+    fresh pages every call, whose page faults cost more than the routing arithmetic. Memory saver
+    (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, each chunk's votes
+    and routing are recomputed in the backward pass instead of saved, so one chunk's votes are alive at a time.
     """
 
-    checkpoint_votes_per_chunk = 2**22
+    votes_per_chunk = 2**22
 
     def __init__(self, config: CapsNetConfig):
         super().__init__()
@@ -345,11 +348,12 @@ class CapsNetClassCapsules(nn.Module):
 
     def forward(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]."""
-        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+        chunk_size = max(1, self.votes_per_chunk // (self.weight.shape[0] * self.num_classes * self.capsule_dim))
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if primary_capsules.shape[0] <= chunk_size and not checkpointing:
             return self._route(primary_capsules)
-        votes_per_example = self.weight.shape[0] * self.num_classes * self.capsule_dim
-        chunk_size = max(1, self.checkpoint_votes_per_chunk // votes_per_example)
-        chunks = [self._gradient_checkpointing_func(self._route, part) for part in primary_capsules.split(chunk_size)]
+        route = partial(self._gradient_checkpointing_func, self._route) if checkpointing else self._route
+        chunks = [route(part) for part in primary_capsules.split(chunk_size)]
         poses, coupling = (torch.cat(parts) for parts in zip(*chunks, strict=True))
         return poses, coupling
 

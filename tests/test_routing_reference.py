@@ -101,15 +101,16 @@ def assert_close_dicts(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[name] / scale, expected[name] / scale, rtol=0, atol=2e-5, msg=name)
 
 
-def build(memory_saver: bool = False, **overrides) -> tuple[CapsNetModel, object]:
+def build(mode: str = "whole", **overrides) -> tuple[CapsNetModel, object]:
+    """mode: "whole" (one routing call), "chunked" (batch routed 2 + 2 + 1), "saver" (chunked, recomputed)."""
     torch.manual_seed(0)
     config = small_config(**overrides)
     model = CapsNetModel(config)
-    if memory_saver:
-        model.activation_checkpointing_enable()
-        # Force several chunks (2, 2, 1 examples) on this small model.
+    if mode in ("chunked", "saver"):
         layer = model.members[0].class_capsules
-        layer.checkpoint_votes_per_chunk = 2 * layer.weight.shape[0] * layer.weight.shape[1] * layer.weight.shape[2]
+        layer.votes_per_chunk = 2 * layer.weight.shape[0] * layer.weight.shape[1] * layer.weight.shape[2]
+    if mode == "saver":
+        model.activation_checkpointing_enable()
     model.train()
     return model, config
 
@@ -117,12 +118,12 @@ def build(memory_saver: bool = False, **overrides) -> tuple[CapsNetModel, object
 PIXELS = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("memory_saver", [False, True], ids=["plain", "memory_saver"])
+@pytest.mark.parametrize("mode", ["whole", "chunked", "saver"])
 @pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("leaky", [False, True], ids=["softmax", "leaky"])
 @pytest.mark.parametrize("padding", ["valid", "same"])
-def test_model_matches_reference_outputs_and_gradients(padding, leaky, iterations, memory_saver):
-    model, config = build(memory_saver, padding=padding, leaky_routing=leaky, routing_iterations=iterations)
+def test_model_matches_reference_outputs_and_gradients(padding, leaky, iterations, mode):
+    model, config = build(mode, padding=padding, leaky_routing=leaky, routing_iterations=iterations)
     member = model.members[0]
     actual = outputs_and_gradients(model, model_forward(model), PIXELS)
     expected = outputs_and_gradients(model, lambda x: reference_capsnet(member, config, x), PIXELS)
@@ -133,10 +134,10 @@ def test_model_matches_reference_outputs_and_gradients(padding, leaky, iteration
     assert torch.all(totals <= 1 + 1e-5) and (leaky or torch.allclose(totals, torch.ones_like(totals), atol=1e-5))
 
 
-@pytest.mark.parametrize("memory_saver", [False, True], ids=["plain", "memory_saver"])
+@pytest.mark.parametrize("mode", ["whole", "saver"])
 @pytest.mark.parametrize("routing_bias", [True, False], ids=["bias", "no_bias"])
-def test_detached_inner_votes_and_no_bias_match_reference(routing_bias, memory_saver):
-    model, config = build(memory_saver, detach_inner_votes=True, routing_bias=routing_bias, routing_iterations=3)
+def test_detached_inner_votes_and_no_bias_match_reference(routing_bias, mode):
+    model, config = build(mode, detach_inner_votes=True, routing_bias=routing_bias, routing_iterations=3)
     member = model.members[0]
     actual = outputs_and_gradients(model, model_forward(model), PIXELS)
     expected = outputs_and_gradients(model, lambda x: reference_capsnet(member, config, x), PIXELS)
@@ -151,7 +152,7 @@ def test_memory_saver_training_step_matches_plain_step():
     saver = CapsNetForImageClassification(small_config()).train()
     saver.load_state_dict(plain.state_dict())
     saver.activation_checkpointing_enable()
-    saver.capsnet.members[0].class_capsules.checkpoint_votes_per_chunk = 1  # one example per chunk
+    saver.capsnet.members[0].class_capsules.votes_per_chunk = 1  # one example per chunk
     labels = torch.tensor([0, 1, 2, 3, 1])
     results = []
     for model in (plain, saver):
@@ -167,6 +168,8 @@ def test_fullgraph_compile_training_and_inference_match_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = CapsNetForImageClassification(small_config(leaky_routing=True)).train()
+    layer = model.capsnet.members[0].class_capsules
+    layer.votes_per_chunk = 2 * layer.weight.shape[0] * layer.weight.shape[1] * layer.weight.shape[2]  # 3 chunks
     labels = torch.tensor([0, 1, 2, 3, 1])
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     eager_loss = model(PIXELS, labels=labels).loss
