@@ -92,14 +92,21 @@ def make_conv_functions(model, pixels: torch.Tensor) -> tuple[Callable[[], None]
 
 def time_interleaved(
     functions: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Run every function `warmup` times, then `repeats` rounds of all of them in turn; seconds per call."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run every function `warmup` times, then `repeats` rounds of all of them in turn.
 
-    def timed(function: Callable[[], None]) -> float:
+    Returns wall-clock and process CPU (user + system, all threads) seconds per call. On a shared machine the CPU
+    time is the steadier measure of the work done: it does not count the time spent waiting for a core.
+    """
+    cpu_times: dict[str, list[float]] = {name: [] for name in functions}
+
+    def timed(function: Callable[[], None], name: str | None = None) -> float:
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         function()
         synchronize(device)
+        if name is not None:
+            cpu_times[name].append(time.process_time() - cpu_start)
         return time.perf_counter() - start
 
     for _ in range(warmup):
@@ -108,8 +115,8 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
-            times[name].append(timed(function))
-    return times
+            times[name].append(timed(function, name))
+    return times, cpu_times
 
 
 def saved_tensor_bytes(function: Callable[[], None], model: torch.nn.Module) -> int:
@@ -203,15 +210,21 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
 
     if args.memory_only:
         functions = {}
-    times = time_interleaved(functions, args.repeats, args.warmup, device)
+    times, cpu_times = time_interleaved(functions, args.repeats, args.warmup, device)
     result["times"] = {name: summarize(samples) for name, samples in times.items()}
+    result["cpu_times"] = {name: summarize(samples) for name, samples in cpu_times.items()}
     median = {name: statistics.median(samples) for name, samples in times.items()}
     minimum = {name: min(samples) for name, samples in times.items()}
+    cpu_median = {name: statistics.median(samples) for name, samples in cpu_times.items()}
     ratios = {}
     for name in median:
         bound = "conv_fwd" if name.startswith("infer") else "conv_fwd_bwd"
         if not name.startswith("conv"):
-            ratios[name] = {"median": median[name] / median[bound], "min": minimum[name] / minimum[bound]}
+            ratios[name] = {
+                "median": median[name] / median[bound],
+                "min": minimum[name] / minimum[bound],
+                "cpu_median": cpu_median[name] / cpu_median[bound],
+            }
     result["ratio_to_conv_bound"] = ratios
     if "train_saver" in median:
         result["saver_time_ratio"] = median["train_saver"] / median["train"]
@@ -243,6 +256,7 @@ def machine_details(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
     }
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -292,6 +306,12 @@ def print_table(results: list[dict]) -> None:
     print("times: median ms over the rounds; x: ratio of medians to the conv-only bound (conv_fwd for inference,")
     print("conv_fwd_bwd for training); peak: tensor memory allocated during one training step above what was live")
     print("before it; saved: bytes saved for backward by the plain step.")
+    timed = [r for r in results if r["ratio_to_conv_bound"]]
+    if timed:
+        print("\nratio of median process CPU times (user + system) to the conv-only bound's:")
+        for r in timed:
+            ratios = ", ".join(f"{name} {v['cpu_median']:.2f}" for name, v in r["ratio_to_conv_bound"].items())
+            print(f"  {r['image_size']} px, batch {r['batch_size']}: {ratios}")
 
 
 def write_json(path: Path, payload: dict) -> None:
