@@ -189,9 +189,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_output_dir(output_dir: str, config: Any, overwrite: bool, resuming: bool) -> None:
-    """Refuse an output folder that holds a different model (not a CapsNet of the same architecture)."""
+    """Refuse an output folder that holds a different model (not a CapsNet of the same architecture), or checkpoints
+    of an earlier run that a new run would mix with its own (resume it, or pass --overwrite_output_dir)."""
+    if overwrite or resuming:
+        return
+    if list_checkpoints(output_dir):
+        raise UsageError(
+            f"--output_dir {output_dir!r} holds checkpoints of an earlier run: continue it with "
+            "--resume_from_checkpoint latest, or pass --overwrite_output_dir to start afresh"
+        )
     path = os.path.join(output_dir, "config.json")
-    if overwrite or resuming or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as handle:
         existing = json.load(handle)
@@ -420,6 +428,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
+        if args.overwrite_output_dir and checkpoint is None:  # a fresh run: drop an earlier run's checkpoints
+            shutil.rmtree(os.path.join(args.output_dir, CHECKPOINT_DIR), ignore_errors=True)
         os.makedirs(args.output_dir, exist_ok=True)
     if args.report_to != "none":
         hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

@@ -212,6 +212,7 @@ def test_recipe_config_file_and_command_line_precedence(tmp_path):
         ("labels_out_of_range", r"must lie in \[0, 4\)"),
         ("mixed_sizes", "mixed sizes"),
         ("different_model", "holds a different model"),
+        ("stale_checkpoints", "holds checkpoints of an earlier run"),
         ("missing_resume_path", "does not exist"),
         ("no_checkpoint", "no checkpoint"),
     ],
@@ -244,6 +245,8 @@ def test_bad_input_fails_before_training(tmp_path, case, message):
         extra = ["--eval_split_name", "validation"]
     elif case == "different_model":
         CapsNetConfig(num_labels=7).save_pretrained(output_dir)
+    elif case == "stale_checkpoints":
+        (output_dir / "checkpoints" / "step_5").mkdir(parents=True)
     elif case == "missing_resume_path":
         extra = ["--resume_from_checkpoint", str(tmp_path / "no_such_checkpoint")]
     elif case == "no_checkpoint":
@@ -252,7 +255,9 @@ def test_bad_input_fails_before_training(tmp_path, case, message):
         train(tiny_args(dataset, output_dir, "--max_train_steps", "1", *extra))
     if case == "unknown_dataset":  # the console entry point prints the same message and exits with status 2
         assert main(tiny_args(dataset, output_dir, *extra)) == 2
-    if case == "different_model":
+    if case == "stale_checkpoints":
+        assert os.listdir(output_dir) == ["checkpoints"] and os.listdir(output_dir / "checkpoints") == ["step_5"]
+    elif case == "different_model":
         assert "model.safetensors" not in os.listdir(output_dir) and "checkpoints" not in os.listdir(output_dir)
     else:
         assert not output_dir.exists()  # nothing written
@@ -292,3 +297,15 @@ def test_cifar10_recipe_on_rgb_images(tmp_path):
     assert processor["resize_mode"] == "crop_or_pad" and processor["do_standardize"] and not processor["do_rescale"]
     assert processor["size"] == {"height": 24, "width": 24}
     assert not (output_dir / "reconstructions.png").exists()
+
+
+def test_overwrite_output_dir_starts_afresh(tmp_path, tiny_dataset):
+    from capsnet_hf import CapsNetConfig
+
+    output_dir = tmp_path / "out"
+    CapsNetConfig(num_labels=7).save_pretrained(output_dir)
+    (output_dir / "checkpoints" / "step_500").mkdir(parents=True)
+    train(tiny_args(tiny_dataset, output_dir, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                    "--overwrite_output_dir"))  # fmt: skip
+    assert sorted(os.listdir(output_dir / "checkpoints")) == ["step_1", "step_2"]
+    assert json.loads((output_dir / "config.json").read_text())["id2label"] == {str(i): str(i) for i in range(4)}
