@@ -1,6 +1,10 @@
 """Shared test set-up: offline Hub, small threads, paths to fixtures and the shared datasets."""
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,3 +47,18 @@ def small_config(**overrides):
     )
     values.update(overrides)
     return CapsNetConfig(**values)
+
+
+def run_without_capsnet_hf(script: str, *args: str, workdir: Path, timeout: int = 300) -> dict:
+    """Run `script` in a fresh interpreter where `import capsnet_hf` fails, as for a user who has only transformers
+    and `trust_remote_code=True`; fail the test on a non-zero exit; return the JSON object of its last output line."""
+    guard = 'import sys\nsys.modules["capsnet_hf"] = None  # this process must never import the package\n'
+    path = workdir / "run_without_capsnet_hf.py"
+    path.write_text(guard + textwrap.dedent(script))
+    env = {**os.environ, "HF_MODULES_CACHE": str(workdir / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, str(path), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

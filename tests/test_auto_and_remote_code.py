@@ -1,15 +1,11 @@
 """What a transformers user does: Auto classes, save/load, pipeline, and trust_remote_code without capsnet_hf."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, run_without_capsnet_hf
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -107,10 +103,8 @@ def test_pipeline_top_k_scores_are_capsule_lengths(saved_mnist_model):
         np.testing.assert_allclose([p["score"] for p in predictions], top.values.numpy(), rtol=1e-5)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
+REMOTE_SCRIPT = """
     import json, sys
-    sys.modules["capsnet_hf"] = None  # this process must never import the package
     import torch
     from PIL import Image
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
@@ -132,26 +126,12 @@ REMOTE_SCRIPT = textwrap.dedent(
         "lengths": lengths[0].tolist(),
         "pipeline": classifier(image, top_k=3),
     }))
-    """
-)
+"""
 
 
 def test_remote_code_loads_without_capsnet_hf(saved_mnist_model, tmp_path):
     folder, _, processor = saved_mnist_model
-    script = tmp_path / "load_remote.py"
-    script.write_text(REMOTE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(FIXTURES / "mnist_7.png")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = run_without_capsnet_hf(REMOTE_SCRIPT, str(folder), str(FIXTURES / "mnist_7.png"), workdir=tmp_path)
     assert all(name.startswith("transformers_modules.") for name in remote["classes"]), remote["classes"]
     assert [name.rsplit(".", 1)[1] for name in remote["classes"]] == [
         "CapsNetConfig",

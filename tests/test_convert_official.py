@@ -4,18 +4,14 @@
 import contextlib
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, run_without_capsnet_hf
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
 import capsnet_hf.modeling_capsnet as modeling
@@ -267,10 +263,8 @@ def test_pipeline_on_ensemble_ranks_by_summed_lengths(converted):
         np.testing.assert_allclose([p["score"] for p in predictions], image_lengths[top], rtol=1e-5)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
+REMOTE_SCRIPT = """
     import json, sys
-    sys.modules["capsnet_hf"] = None  # never import the package here
     import numpy as np, torch
     from PIL import Image
     from transformers import AutoModelForImageClassification, pipeline
@@ -286,25 +280,13 @@ REMOTE_SCRIPT = textwrap.dedent(
         "lengths": out.capsule_lengths.tolist(),
         "pipeline": classifier(Image.fromarray(data["raw_images"][0]), top_k=1),
     }))
-    """
-)
+"""
 
 
 def test_remote_code_route(converted, tmp_path):
-    script = tmp_path / "remote.py"
-    script.write_text(REMOTE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(converted["cifar"]), str(TF / "cifar_style.npz")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    remote = run_without_capsnet_hf(
+        REMOTE_SCRIPT, str(converted["cifar"]), str(TF / "cifar_style.npz"), workdir=tmp_path
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["module"].startswith("transformers_modules.")
     ref = _reference("cifar_style")
     np.testing.assert_allclose(np.array(remote["lengths"]) * 3, ref["summed_lengths"], rtol=0, atol=ATOL)

@@ -3,9 +3,7 @@
 import ast
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES, run_without_capsnet_hf
 from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.image_processing_base import BatchFeature
@@ -21,7 +20,6 @@ from capsnet_hf import CapsNetConfig
 from capsnet_hf.image_processing_capsnet import CapsNetImageProcessor, standardize_per_image
 
 PROCESSOR_FILE = Path(__file__).resolve().parents[1] / "capsnet_hf" / "image_processing_capsnet.py"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MNIST_LABELS = (7, 2, 1)
 
 
@@ -443,22 +441,19 @@ def test_trust_remote_code_loads_the_copied_file(tmp_path):
     config = json.loads(config_path.read_text())
     config["auto_map"] = {"AutoImageProcessor": "image_processing_capsnet.CapsNetImageProcessor"}
     config_path.write_text(json.dumps(config))
-    script = (
-        "import sys, numpy as np\n"
-        "from transformers import AutoImageProcessor\n"
-        "p = AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-        "assert 'capsnet_hf' not in sys.modules\n"
-        "v = p(np.zeros((32, 32, 3), np.uint8), return_tensors='pt')['pixel_values']\n"
-        "print(type(p).__module__, list(v.shape), p.resize_mode, sep='|')\n"
+    script = """
+    import json
+    import numpy as np
+    from transformers import AutoImageProcessor
+    p = AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+    v = p(np.zeros((32, 32, 3), np.uint8), return_tensors="pt")["pixel_values"]
+    print(json.dumps({"module": type(p).__module__, "shape": list(v.shape), "resize_mode": p.resize_mode}))
+    """
+    remote = run_without_capsnet_hf(script, str(folder), workdir=tmp_path)
+    assert remote["module"].startswith("transformers_modules") and remote["module"].endswith(
+        "image_processing_capsnet"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(folder)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    module, shape, resize_mode = result.stdout.strip().splitlines()[-1].split("|")
-    assert module.startswith("transformers_modules") and module.endswith("image_processing_capsnet")
-    assert shape == "[1, 3, 24, 24]" and resize_mode == "crop_or_pad"
+    assert remote["shape"] == [1, 3, 24, 24] and remote["resize_mode"] == "crop_or_pad"
 
 
 def test_from_model_config():
