@@ -348,7 +348,8 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
 # One call from a data-set name to tensors
 # ---------------------------------------------------------------------------------------------------------------------
 
-PAPER_DATASETS = ("multimnist", "expanded_mnist")
+PAPER_DATASETS = ("multimnist", "expanded_mnist", "affnist_style")
+EVALUATION_ONLY_DATASETS = ("affnist_style",)
 
 
 @dataclass
@@ -449,13 +450,17 @@ def load_paper_splits(
     device: str | torch.device | None = None,
 ) -> LoadedSplits:
     """The paper's generated data sets (`capsnet_hf.paper_datasets`) built from an MNIST-like source data set:
-    `"multimnist"` (two-hot labels and per-digit reconstruction targets) or `"expanded_mnist"` (40x40).
+    `"multimnist"` (two-hot labels and per-digit reconstruction targets), `"expanded_mnist"` (40x40) or
+    `"affnist_style"` (40x40 random affine transformations of the test digits, `paper_datasets.AffNISTStyle`;
+    evaluation only: `train=True` raises `DataError`).
     The source's train split feeds the training generator, its test split the evaluation generator (a new seed);
     the generators live on `device`."""
     from . import paper_datasets
 
     if dataset_name not in PAPER_DATASETS:
         raise DataError(f"unknown generated data set {dataset_name!r}; choose one of {PAPER_DATASETS}")
+    if train and dataset_name in EVALUATION_ONLY_DATASETS:
+        raise DataError(f"{dataset_name} is an evaluation-only data set (train on expanded_mnist)")
     source = load_splits(
         source_dataset_name,
         "train" if train else None,
@@ -466,7 +471,11 @@ def load_paper_splits(
     )
     if (source.train or source.eval).num_channels != 1 or (source.train or source.eval).image_size != (28, 28):
         raise DataError(f"{dataset_name} needs a 28x28 grayscale source data set, got {source_dataset_name!r}")
-    generator = paper_datasets.MultiMNIST if dataset_name == "multimnist" else paper_datasets.ExpandedMNIST
+    generator = {
+        "multimnist": paper_datasets.MultiMNIST,
+        "expanded_mnist": paper_datasets.ExpandedMNIST,
+        "affnist_style": paper_datasets.AffNISTStyle,
+    }[dataset_name]
 
     def build(split: ImageTensorDataset | None, variants: int, split_seed: int):
         if split is None:
@@ -484,6 +493,7 @@ def load_paper_splits(
 __all__ = [
     "BatchTransform",
     "DataError",
+    "EVALUATION_ONLY_DATASETS",
     "IMAGE_COLUMN_CANDIDATES",
     "ImageTensorDataset",
     "LABEL_COLUMN_CANDIDATES",

@@ -51,6 +51,15 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, id2label:
     return result
 
 
+def class_scores(outputs: Any) -> torch.Tensor:
+    """Class scores `[B, J]` float32 of one model's output: capsule lengths of a CapsNet, softmax probabilities of a
+    model without capsules (the paper's baseline CNN)."""
+    lengths = getattr(outputs, "capsule_lengths", None)
+    if lengths is not None:
+        return lengths.float()
+    return outputs.logits.float().softmax(dim=-1)
+
+
 @torch.no_grad()
 def collect_scores(
     models: Sequence[torch.nn.Module],
@@ -60,7 +69,7 @@ def collect_scores(
     batch_size: int,
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-    """Summed capsule lengths `[N, J]` of `models` on every example of an in-memory dataset, the labels, and the mean
+    """Summed class scores `[N, J]` ([`class_scores`]: capsule lengths, or softmax probabilities) of `models` on every example of an in-memory dataset, the labels, and the mean
     loss of a single model over the batches (None for an ensemble; the loss includes the few padding duplicates of a
     multi-process run, the scores and labels do not). Examples are split across processes by a prepared DataLoader of
     indices and gathered with `gather_for_metrics`, so each of the N examples counts once."""
@@ -85,7 +94,8 @@ def collect_scores(
                 if "reconstruction_targets" in batch:
                     inputs["reconstruction_targets"] = batch["reconstruction_targets"].to(accelerator.device)
             outputs = model(**inputs)
-            scores = outputs.capsule_lengths.float() if scores is None else scores + outputs.capsule_lengths.float()
+            model_scores = class_scores(outputs)
+            scores = model_scores if scores is None else scores + model_scores
         if len(models) == 1:
             loss = outputs.loss.detach().float() * labels.shape[0]
             loss_sum += accelerator.reduce(loss, "sum").item()
@@ -103,7 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     models.add_argument("--model_name_or_path", help="a saved CapsNet folder or a Hub model id")
     models.add_argument("--ensemble", nargs="+", metavar="MODEL", help="several models; class scores are summed")
     parser.add_argument(
-        "--dataset_name", required=True, help="Hub id, local folder/file, or multimnist|expanded_mnist"
+        "--dataset_name",
+        required=True,
+        help="Hub id, local folder/file, or multimnist|expanded_mnist|affnist_style (generated from the source test split)",
     )
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")

@@ -70,6 +70,9 @@ MODEL_ARGUMENTS: dict[str, Any] = {
 }
 
 
+MODEL_TYPES = ("capsnet", "baseline_cnn")
+
+
 def _bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
@@ -116,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_brightness_delta", type=float, default=63.0, help="'cifar': brightness delta on the 0..255 scale")
     add("--contrast_range", type=float, nargs=2, default=[0.2, 1.8], help="'cifar': contrast factor range")
     # Model.
-    add("--model_name_or_path", default=None, help="start from a saved CapsNet instead of a fresh one")
+    add(
+        "--model_type",
+        choices=MODEL_TYPES,
+        default="capsnet",
+        help="'baseline_cnn': the paper's baseline CNN (capsnet_hf.baseline_cnn), trained the same way",
+    )
+    add("--model_name_or_path", default=None, help="start from a saved model (of --model_type) instead of a fresh one")
     for name, kind in MODEL_ARGUMENTS.items():
         add(f"--{name}", type=_bool if kind == "bool" else kind, default=None, help="CapsNetConfig." + name)
     add("--decoder_hidden_sizes", type=int, nargs="+", default=None, help="CapsNetConfig.decoder_hidden_sizes")
@@ -289,13 +298,20 @@ def decayed_learning_rate_factor(step: int, args: argparse.Namespace) -> float:
 
 
 def build_config(args: argparse.Namespace, num_channels: int, image_size: Sequence[int], id2label: dict[int, str]):
-    """A `CapsNetConfig` for the data (channels, size, class names), with the command line's architecture values."""
+    """A `CapsNetConfig` (or, with `--model_type baseline_cnn`, a `BaselineCNNConfig`) for the data (channels, size,
+    class names), with the command line's architecture values (CapsNet only)."""
+    from .baseline_cnn import BaselineCNNConfig
     from .configuration_capsnet import CapsNetConfig
 
     values = {name: getattr(args, name) for name in (*MODEL_ARGUMENTS, "decoder_hidden_sizes")}
     values = {name: value for name, value in values.items() if value is not None}
+    config_class = CapsNetConfig
+    if args.model_type == "baseline_cnn":
+        if values:
+            raise UsageError(f"--{', --'.join(values)} set CapsNet options; --model_type baseline_cnn has none")
+        config_class = BaselineCNNConfig
     if args.model_name_or_path is not None:
-        config = CapsNetConfig.from_pretrained(args.model_name_or_path, **values)
+        config = config_class.from_pretrained(args.model_name_or_path, **values)
         if (config.num_channels, tuple(config.image_size), config.num_labels) != (
             num_channels,
             tuple(image_size),
@@ -307,7 +323,7 @@ def build_config(args: argparse.Namespace, num_channels: int, image_size: Sequen
             )
         config.id2label, config.label2id = id2label, {name: index for index, name in id2label.items()}
         return config
-    return CapsNetConfig(
+    return config_class(
         num_channels=num_channels,
         image_size=list(image_size),
         id2label=id2label,
@@ -338,11 +354,15 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from .baseline_cnn import BaselineCNNForImageClassification
     from .evaluate import classification_metrics, collect_scores
     from .image_processing_capsnet import CapsNetImageProcessor
     from .modeling_capsnet import CapsNetForImageClassification
 
     args = parse_args(argv)
+    model_class = (
+        BaselineCNNForImageClassification if args.model_type == "baseline_cnn" else CapsNetForImageClassification
+    )
     started = time.time()
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -369,6 +389,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             device=device,
         )
         num_channels, data_size = 1, (splits.train.canvas_size, splits.train.canvas_size)
+        if args.model_type == "baseline_cnn" and args.dataset_name == "multimnist":
+            raise UsageError("the baseline CNN is a single-label softmax classifier: it cannot train on multimnist")
     else:
         splits = load_splits(
             args.dataset_name,
@@ -414,9 +436,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_output_dir(args.output_dir, config, args.overwrite_output_dir, resuming=checkpoint is not None)
     set_seed(args.seed)
     if args.model_name_or_path is not None:
-        model = CapsNetForImageClassification.from_pretrained(args.model_name_or_path, config=config)
+        model = model_class.from_pretrained(args.model_name_or_path, config=config)
     else:
-        model = CapsNetForImageClassification(config)
+        model = model_class(config)
     processor = CapsNetImageProcessor.from_model_config(
         config,
         resize_mode="crop_or_pad" if args.augmentation == "cifar" else args.resize_mode,
@@ -489,7 +511,11 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 accelerator.backward(outputs.loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            parts = [outputs.loss, outputs.margin_loss, outputs.reconstruction_loss]
+            parts = [
+                outputs.loss,
+                getattr(outputs, "margin_loss", None),
+                getattr(outputs, "reconstruction_loss", None),
+            ]
             running += torch.stack(
                 [p.detach().float() if p is not None else torch.zeros((), device=device) for p in parts]
             )
@@ -532,9 +558,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     final_model = accelerator.unwrap_model(model)
     if args.load_best_model_at_end and state["best_step"] != last_result["step"]:
-        final_model = CapsNetForImageClassification.from_pretrained(
-            os.path.join(args.output_dir, CHECKPOINT_DIR, BEST_MODEL_DIR)
-        )
+        final_model = model_class.from_pretrained(os.path.join(args.output_dir, CHECKPOINT_DIR, BEST_MODEL_DIR))
         final_model.to(device)
         scores, labels, loss = collect_scores(
             [final_model], eval_data, eval_transform, accelerator, args.per_device_eval_batch_size
@@ -620,26 +644,52 @@ def save_model_folder(
         with open(os.path.join(partial, name), "w", encoding="utf-8") as handle:
             json.dump(values, handle, indent=2)
     figure = None
-    if model.config.use_decoder:
+    if getattr(model.config, "use_decoder", False):
         figure = "reconstructions.png"
         save_reconstruction_figure(model, eval_data, eval_transform, os.path.join(partial, figure))
-    card = render_trained_model_card(
-        args={**vars(args), "command": command},
-        config=model.config,
-        train_results=train_results,
-        eval_results=eval_results,
-        num_train_examples=num_train_examples,
-        steps_per_epoch=steps_per_epoch,
-        max_train_steps=max_train_steps,
-        figure=figure,
-    )
-    card.save(os.path.join(partial, "README.md"))
+    if args.model_type == "baseline_cnn":
+        write_baseline_card(os.path.join(partial, "README.md"), command, train_results, eval_results)
+    else:
+        card = render_trained_model_card(
+            args={**vars(args), "command": command},
+            config=model.config,
+            train_results=train_results,
+            eval_results=eval_results,
+            num_train_examples=num_train_examples,
+            steps_per_epoch=steps_per_epoch,
+            max_train_steps=max_train_steps,
+            figure=figure,
+        )
+        card.save(os.path.join(partial, "README.md"))
     for name in os.listdir(partial):
         target = os.path.join(args.output_dir, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
         os.replace(os.path.join(partial, name), target)
     os.rmdir(partial)
+
+
+def write_baseline_card(path: str, command: str, train_results: dict[str, Any], eval_results: dict[str, Any]) -> None:
+    """A short model card for the paper's baseline CNN (no capsules: no routing or reconstruction sections)."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [image-classification, capsnet-baseline]",
+        "---",
+        '# Baseline CNN of "Dynamic Routing Between Capsules" (Sabour, Frosst & Hinton, 2017)',
+        "",
+        "Three 5x5 ReLU convolutions (256, 256, 128), FC 328, FC 192, dropout, softmax (`capsnet_hf.baseline_cnn`).",
+        "Load with `import capsnet_hf` and `AutoModelForImageClassification.from_pretrained`.",
+        "",
+        f"Trained with `{command}`: {train_results['train_steps']} steps, {train_results['train_examples_seen']} "
+        f"examples ({train_results['epochs']:.3f} epochs) in {train_results['train_runtime_seconds']:.0f} s on "
+        f"{train_results['device']}.",
+        "",
+        f"Evaluation ({eval_results.get('eval_split')} split, {eval_results['eval_num_examples']} examples): "
+        f"accuracy {eval_results['eval_accuracy']:.4f}.",
+    ]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import SHARED_DATASETS
 from test_data import write_dataset
-from test_train import fresh_accelerate_state, tiny_args  # noqa: F401  (fixture)
+from test_train import TINY_MODEL, fresh_accelerate_state, tiny_args  # noqa: F401  (fixture)
 
 from capsnet_hf.data import UsageError
 from capsnet_hf.evaluate import classification_metrics, evaluate, main
@@ -76,3 +77,110 @@ def test_eval_rejects_labels_the_model_does_not_have(trained, tmp_path):
     other = write_dataset(tmp_path / "other", {"test": 3}, labels={"test": [0, 1, 5]})
     with pytest.raises(UsageError, match=r"must lie in \[0, 4\)"):
         evaluate(["--model_name_or_path", str(model_dir), "--dataset_name", other])
+
+
+# ---- The paper's experiments (issue 6): baseline CNN, generated evaluation sets, two-target error ----
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_class_scores_are_capsule_lengths_or_softmax_probabilities():
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    from capsnet_hf import CapsNetImageClassifierOutput
+    from capsnet_hf.evaluate import class_scores
+
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    lengths = torch.tensor([[0.1, 0.9, 0.2]])
+    assert torch.equal(class_scores(CapsNetImageClassifierOutput(logits=logits, capsule_lengths=lengths)), lengths)
+    assert torch.allclose(class_scores(ImageClassifierOutput(logits=logits)), logits.softmax(-1))
+
+
+def test_baseline_cnn_trains_loads_with_auto_classes_and_evaluates(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from capsnet_hf.baseline_cnn import BaselineCNNForImageClassification
+
+    dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 11})
+    output_dir = tmp_path / "baseline"
+    results = train([
+        "--model_type", "baseline_cnn", "--dataset_name", dataset, "--output_dir", str(output_dir),
+        "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
+    ])  # fmt: skip
+    assert results["train_steps"] == 2 and results["eval_num_examples"] == 11
+    model = AutoModelForImageClassification.from_pretrained(output_dir)
+    assert isinstance(model, BaselineCNNForImageClassification)
+    assert model.config.model_type == "capsnet_baseline_cnn" and model.config.image_size == [16, 16]
+    assert "Baseline CNN" in (output_dir / "README.md").read_text()
+    assert not (output_dir / "reconstructions.png").exists()  # no capsules, no decoder
+    _reset_accelerate()
+    result = evaluate(["--model_name_or_path", str(output_dir), "--dataset_name", dataset])
+    assert result["accuracy"] == results["eval_accuracy"]
+    assert sum(map(sum, result["confusion_matrix"])) == 11
+
+
+def test_baseline_cnn_refuses_capsnet_options_and_multimnist(tmp_path):
+    dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 11})
+    with pytest.raises(UsageError, match="routing_iterations"):
+        train(["--model_type", "baseline_cnn", "--dataset_name", dataset, "--output_dir", str(tmp_path / "a"),
+               "--routing_iterations", "2", "--per_device_train_batch_size", "8", "--report_to", "none"])  # fmt: skip
+    source = SHARED_DATASETS / "mnist"
+    if source.is_dir():
+        _reset_accelerate()
+        with pytest.raises(UsageError, match="multimnist"):
+            train(["--model_type", "baseline_cnn", "--dataset_name", "multimnist", "--source_dataset_name",
+                   str(source), "--max_train_samples", "32", "--max_eval_samples", "8", "--variants_per_digit", "1",
+                   "--output_dir", str(tmp_path / "b"), "--per_device_train_batch_size", "8", "--report_to", "none"])  # fmt: skip
+
+
+def _generated(tmp_path, name: str, *extra: str):
+    """A 1-step tiny CapsNet trained on a generated set of the shared MNIST copy."""
+    source = SHARED_DATASETS / "mnist"
+    if not source.is_dir():
+        pytest.skip(f"the shared MNIST copy is not at {source}")
+    output_dir = tmp_path / name
+    train([
+        "--dataset_name", name, "--source_dataset_name", str(source), "--output_dir", str(output_dir),
+        "--max_train_samples", "32", "--max_eval_samples", "8", "--variants_per_digit", "1", *TINY_MODEL,
+        "--max_train_steps", "1", "--per_device_train_batch_size", "8", "--report_to", "none", *extra,
+    ])  # fmt: skip
+    _reset_accelerate()
+    return source, output_dir
+
+
+def test_expanded_mnist_model_evaluates_on_affnist_style(tmp_path):
+    source, model_dir = _generated(tmp_path, "expanded_mnist")
+    common = ["--model_name_or_path", str(model_dir), "--source_dataset_name", str(source), "--max_eval_samples", "6"]
+    affine = evaluate([*common, "--dataset_name", "affnist_style", "--eval_variants_per_digit", "2"])
+    assert affine["dataset"] == "affnist_style" and affine["num_examples"] == 12
+    assert sum(map(sum, affine["confusion_matrix"])) == 12
+    _reset_accelerate()
+    expanded = evaluate([*common, "--dataset_name", "expanded_mnist"])
+    assert expanded["num_examples"] == 6
+    _reset_accelerate()
+    with pytest.raises(UsageError, match="evaluation-only"):
+        _generated(tmp_path, "affnist_style")
+
+
+def test_multimnist_eval_reports_the_two_target_error(tmp_path):
+    from capsnet_hf import metrics
+    from capsnet_hf.data import BatchTransform, load_paper_splits
+
+    source, model_dir = _generated(tmp_path, "multimnist")
+    result = evaluate(["--model_name_or_path", str(model_dir), "--dataset_name", "multimnist",
+                       "--source_dataset_name", str(source), "--max_eval_samples", "10", "--seed", "3"])  # fmt: skip
+    assert result["num_examples"] == 10 and result["metric"].startswith("both digits correct")
+    # The same number from the model's capsule lengths on the same generated pairs.
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
+    pairs = load_paper_splits("multimnist", str(source), False, 1, 1, seed=3, max_eval_samples=10).eval
+    batch = pairs.batch(torch.arange(len(pairs)))
+    with torch.no_grad():
+        lengths = model(pixel_values=BatchTransform((36, 36))(batch["pixel_values"])).capsule_lengths
+    assert result["error_percent"] == pytest.approx(metrics.multi_digit_error(lengths, batch["labels"]))
