@@ -308,7 +308,7 @@ class CapsNetClassCapsules(nn.Module):
     fresh pages every call, whose page faults cost more than the routing arithmetic (GPUs route the whole batch, as
     their caching allocator has no such cost and larger batched matmuls run faster). A chunk also holds at most
     `max_examples_per_chunk` examples: at 28 px (2 threads) chunks of 11 examples cut the CPU time of inference by
-    2-5 % and of a batch-128 training step by 1-5 % against chunks of 22 (16 was no better than 22; see
+    1-5 % and of a batch-128 training step by 1-6 % against chunks of 22 (16 was no better than 22; see
     docs/performance.md): a 22-example chunk's [B, J, I, K] copy of the votes ran about 4x slower per element than a
     10-example chunk's. Memory saver
     (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, each chunk's votes
