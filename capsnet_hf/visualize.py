@@ -27,6 +27,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .data import IMAGE_COLUMN_CANDIDATES, LABEL_COLUMN_CANDIDATES, DataError, detect_column
+
 FIGURES = ("reconstructions", "perturbation", "multimnist", "routing")
 PERTURBATION_STEPS = tuple(round(-0.25 + 0.05 * step, 2) for step in range(11))  # -0.25, -0.20, ..., 0.25
 DEFAULT_PANEL_INCHES = 1.0
@@ -281,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset_name", default="mnist", help="datasets.load_dataset name or local folder")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--image_column", default=None, help="default: 'image' or 'img'")
-    parser.add_argument("--label_column", default=None, help="default: 'label' or 'labels' (optional)")
+    parser.add_argument("--image_column_name", default=None, help="default: detected ('image' or 'img')")
+    parser.add_argument("--label_column_name", default=None, help="default: detected ('label' or 'labels'; optional)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES))
     parser.add_argument("--num_examples", type=int, default=8, help="examples (columns) per figure")
@@ -295,14 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pick_column(columns: Sequence[str], given: str | None, candidates: Sequence[str], what: str) -> str | None:
-    if given is not None:
-        if given not in columns:
-            raise SystemExit(f"error: {what} column {given!r} is not in the data set (columns: {list(columns)})")
-        return given
-    return next((name for name in candidates if name in columns), None)
-
-
 def _load_examples(args: argparse.Namespace) -> tuple[list[Any], torch.Tensor | None]:
     import datasets
 
@@ -310,10 +304,15 @@ def _load_examples(args: argparse.Namespace) -> tuple[list[Any], torch.Tensor | 
         dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
     except Exception as error:  # datasets raises many types for unknown names/splits
         raise SystemExit(f"error: cannot load split {args.split!r} of {args.dataset_name!r}: {error}") from error
-    image_column = _pick_column(dataset.column_names, args.image_column, ("image", "img"), "image")
-    if image_column is None:
-        raise SystemExit(f"error: no image column in {args.dataset_name!r} (columns: {dataset.column_names})")
-    label_column = _pick_column(dataset.column_names, args.label_column, ("label", "labels"), "label")
+    columns = dataset.column_names
+    has_labels = args.label_column_name is not None or any(name in columns for name in LABEL_COLUMN_CANDIDATES)
+    try:
+        image_column = detect_column(columns, IMAGE_COLUMN_CANDIDATES, args.image_column_name, "image")
+        label_column = (
+            detect_column(columns, LABEL_COLUMN_CANDIDATES, args.label_column_name, "label") if has_labels else None
+        )
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from error
     end = min(args.example_offset + args.num_examples, len(dataset))
     if args.example_offset < 0 or args.example_offset >= end:
         raise SystemExit(f"error: --example_offset {args.example_offset} is outside the {len(dataset)} examples")

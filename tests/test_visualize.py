@@ -155,4 +155,4 @@ def test_command_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="cannot load a model"):
         main(["--model_name_or_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="image"):
-        main([*base, "--image_column", "pixels", "--figures", "routing", "--output_dir", str(tmp_path / "out")])
+        main([*base, "--image_column_name", "pixels", "--figures", "routing", "--output_dir", str(tmp_path / "out")])
