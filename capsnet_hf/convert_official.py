@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .configuration_capsnet import CapsNetConfig
+from .configuration_capsnet import CapsNetConfig, conv_output_size
 from .hub import push_folder_to_hub, render_model_card
 from .image_processing_capsnet import CapsNetImageProcessor
 from .modeling_capsnet import LOGIT_EPSILON, CapsNetForImageClassification
@@ -91,13 +91,9 @@ class OfficialGeometry:
         return [size for size in range(1, limit) if _grid(size, self, padding) == grid]
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: str) -> int:
-    return -(-size // stride) if padding == "same" else (size - kernel) // stride + 1
-
-
 def _grid(size: int, geometry: OfficialGeometry, padding: str) -> int:
-    conv1 = _conv_out(size, geometry.conv1_kernel_size, 1, padding)
-    return _conv_out(conv1, geometry.primary_kernel_size, PRIMARY_STRIDE, padding) if conv1 >= 1 else 0
+    conv1 = conv_output_size(size, geometry.conv1_kernel_size, 1, padding)
+    return conv_output_size(conv1, geometry.primary_kernel_size, PRIMARY_STRIDE, padding) if conv1 >= 1 else 0
 
 
 def _shape_error(prefix: str, message: str) -> CheckpointError:
