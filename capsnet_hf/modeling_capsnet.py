@@ -379,7 +379,9 @@ class CapsNetEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, C, H, W] -> poses [B, J, K], primary capsules [B, I, A], coupling coefficients [B, J, I]."""
-        primary_capsules = self.primary_capsules(F.relu(self.conv1(pixel_values)))
+        # In place: conv1's output is a fresh tensor its backward does not need, and a second one (52 MB at batch
+        # 128) would be fresh pages on every call on CPU.
+        primary_capsules = self.primary_capsules(F.relu(self.conv1(pixel_values), inplace=True))
         poses, coupling = self.class_capsules(primary_capsules)
         return poses, primary_capsules, coupling
 
