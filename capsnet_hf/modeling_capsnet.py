@@ -337,7 +337,12 @@ class CapsNetClassCapsules(nn.Module):
         num_inputs, _, _, input_dim = self.weight.shape
         batch_size = primary_capsules.shape[0]
         weight = self.weight.permute(0, 3, 1, 2).reshape(num_inputs, input_dim, -1)  # [I, A, J*K]
-        votes = torch.bmm(primary_capsules.transpose(0, 1).to(weight.dtype), weight)  # [I, B, J*K]
+        inputs = primary_capsules.transpose(0, 1).to(weight.dtype)  # [I, B, A]
+        if not torch.is_grad_enabled():
+            # MKL's batched GEMM on a contiguous copy: 1-3 % less CPU time for a whole inference call on CPU (the
+            # copy is 1/20 of the votes); in training the strided view was faster (weight-gradient GEMM).
+            inputs = inputs.contiguous()
+        votes = torch.bmm(inputs, weight)  # [I, B, J*K]
         votes = votes.view(num_inputs, batch_size, self.num_classes, self.capsule_dim)
         return votes.permute(1, 2, 0, 3).contiguous()
 
