@@ -134,6 +134,20 @@ def test_model_matches_reference_outputs_and_gradients(padding, leaky, iteration
     assert torch.all(totals <= 1 + 1e-5) and (leaky or torch.allclose(totals, torch.ones_like(totals), atol=1e-5))
 
 
+@pytest.mark.parametrize("mode", ["whole", "chunked"])
+@pytest.mark.parametrize("leaky", [False, True], ids=["softmax", "leaky"])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_inference_matches_reference(padding, leaky, mode):
+    """Without autograd the votes GEMM takes a contiguous copy of its operand: the same numbers."""
+    model, config = build(mode, padding=padding, leaky_routing=leaky, routing_iterations=3)
+    model.eval()
+    names = ("poses", "coupling", "primary")
+    with torch.no_grad():
+        actual = dict(zip(names, model_forward(model)(PIXELS), strict=True))
+        expected = dict(zip(names, reference_capsnet(model.members[0], config, PIXELS), strict=True))
+    assert_close_dicts(actual, expected)
+
+
 @pytest.mark.parametrize("mode", ["whole", "saver"])
 @pytest.mark.parametrize("routing_bias", [True, False], ids=["bias", "no_bias"])
 def test_detached_inner_votes_and_no_bias_match_reference(routing_bias, mode):
