@@ -7,8 +7,9 @@ grow the primary-capsule grid), and times, interleaved round-robin so that machi
   of the sum of the primary conv output, parameter gradients only: the bound the capsule layers are measured against;
 - ``infer``: ``CapsNetModel`` forward (no decoder) under ``torch.no_grad``;
 - ``train``: a full ``CapsNetForImageClassification`` step: forward with labels (margin + reconstruction loss),
-  backward, ``torch.optim.Adam`` step;
-- ``train_fused`` (with ``--fused-adam``): the same step with ``torch.optim.Adam(fused=True)``;
+  backward, Adam step with the optimizer ``capsnet-train`` builds (``capsnet_hf.train.create_optimizer``: torch's
+  fused Adam on CPU and CUDA);
+- ``train_plain_adam`` (with ``--plain-adam``): the same step with ``torch.optim.Adam``'s default implementation;
 - ``train_saver``: the same step with the memory saver on (``model.activation_checkpointing_enable()``);
 - with ``--compile``: ``infer_compiled`` / ``train_compiled`` with ``torch.compile(model, fullgraph=True)`` (the
   compile time of the first call is reported apart).
@@ -42,6 +43,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification
+from capsnet_hf.train import create_optimizer
 
 MIB = 2**20
 
@@ -61,9 +63,12 @@ def build_model(config: CapsNetConfig, device: torch.device, state: dict | None,
 
 
 def make_train_step(
-    model, forward: Callable, pixels: torch.Tensor, labels: torch.Tensor, fused: bool = False
+    model, forward: Callable, pixels: torch.Tensor, labels: torch.Tensor, plain_adam: bool = False
 ) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
+    if plain_adam:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        optimizer = create_optimizer(model.parameters(), 1e-3, pixels.device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -182,9 +187,9 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         "infer": infer,
         "train": make_train_step(model, model, pixels, labels),
     }
-    if args.fused_adam:
-        fused_model = build_model(config, device, state, memory_saver=False)
-        functions["train_fused"] = make_train_step(fused_model, fused_model, pixels, labels, fused=True)
+    if args.plain_adam:
+        plain_model = build_model(config, device, state, memory_saver=False)
+        functions["train_plain_adam"] = make_train_step(plain_model, plain_model, pixels, labels, plain_adam=True)
     saver = None
     if not args.no_saver:
         saver = build_model(config, device, state, memory_saver=True)
@@ -278,11 +283,11 @@ def load_average() -> list[float] | None:
 
 def print_table(results: list[dict]) -> None:
     """One line per case: median times (ms), each followed by its ratio to the conv-only bound, then memory."""
-    columns = ["conv_fwd", "infer", "infer_compiled", "conv_fwd_bwd", "train", "train_fused", "train_compiled"]
+    columns = ["conv_fwd", "infer", "infer_compiled", "conv_fwd_bwd", "train", "train_plain_adam", "train_compiled"]
     columns += ["train_saver"]
     present = [name for name in columns if any(name in r["times"] for r in results)]
     header = f"{'px':>4} {'B':>4} {'I':>6} |" + "".join(
-        f" {name:>14}" if name.startswith("conv") else f" {name:>14} {'x':>5}" for name in present
+        f" {name:>16}" if name.startswith("conv") else f" {name:>16} {'x':>5}" for name in present
     )
     header += f" | {'peak MiB':>9} {'saver MiB':>9} {'saved MiB':>9}"
     print(header)
@@ -291,7 +296,7 @@ def print_table(results: list[dict]) -> None:
         line = f"{r['image_size']:>4} {r['batch_size']:>4} {r['num_primary_capsules']:>6} |"
         for name in present:
             time_ms = r["times"].get(name, {}).get("median_ms")
-            line += f" {time_ms:14.1f}" if time_ms is not None else f" {'-':>14}"
+            line += f" {time_ms:16.1f}" if time_ms is not None else f" {'-':>16}"
             if not name.startswith("conv"):
                 ratio = r["ratio_to_conv_bound"].get(name, {}).get("median")
                 line += f" {ratio:5.2f}" if ratio is not None else f" {'-':>5}"
@@ -335,7 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-saver", action="store_true", help="skip the memory-saver training step")
     parser.add_argument("--memory-only", action="store_true", help="measure memory, skip the timings")
     parser.add_argument(
-        "--fused-adam", action="store_true", help="also time the train step with Adam(fused=True) ('train_fused')"
+        "--plain-adam", action="store_true", help="also time the train step with the default torch.optim.Adam"
     )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, SHARED_DATASETS
 from safetensors.torch import load_file
 from test_data import write_dataset
 
-from capsnet_hf.train import UsageError, main, parse_args, train
+from capsnet_hf.train import UsageError, create_optimizer, main, parse_args, train
 
 # A CapsNet small enough for 16x16 CPU tests (18 primary capsules).
 TINY_MODEL = [
@@ -309,3 +309,21 @@ def test_overwrite_output_dir_starts_afresh(tmp_path, tiny_dataset):
                     "--overwrite_output_dir"))  # fmt: skip
     assert sorted(os.listdir(output_dir / "checkpoints")) == ["step_1", "step_2"]
     assert json.loads((output_dir / "config.json").read_text())["id2label"] == {str(i): str(i) for i in range(4)}
+
+
+def test_optimizer_is_fused_adam_on_cpu_and_matches_plain_adam():
+    torch.manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3))]
+    plain_parameters = [torch.nn.Parameter(p.detach().clone()) for p in parameters]
+    fused = create_optimizer(parameters, 1e-2, "cpu")
+    plain = torch.optim.Adam(plain_parameters, lr=1e-2)
+    assert fused.defaults["fused"] is True
+    assert create_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-2, "meta").defaults["fused"] is False
+    for _ in range(3):
+        for group in (parameters, plain_parameters):
+            for p in group:
+                p.grad = torch.cos(p.detach() * 3)
+        fused.step()
+        plain.step()
+    for p, q in zip(parameters, plain_parameters, strict=True):
+        torch.testing.assert_close(p, q)
