@@ -340,7 +340,7 @@ class CapsNetClassCapsules(nn.Module):
         inputs = primary_capsules.transpose(0, 1).to(weight.dtype)  # [I, B, A]
         if not torch.is_grad_enabled():
             # MKL's batched GEMM on a contiguous copy: 1-3 % less CPU time for a whole inference call on CPU (the
-            # copy is 1/20 of the votes); in training the strided view was faster (weight-gradient GEMM).
+            # copy is 1/20 of the votes); a training step was 1-3 % faster with the strided view (batch 128).
             inputs = inputs.contiguous()
         votes = torch.bmm(inputs, weight)  # [I, B, J*K]
         votes = votes.view(num_inputs, batch_size, self.num_classes, self.capsule_dim)
