@@ -300,7 +300,9 @@ class BatchTransform:
         if generator is not None and self.max_shift > 0:
             top = top - _randint(2 * self.max_shift + 1, batch, generator, device) + self.max_shift
             left = left - _randint(2 * self.max_shift + 1, batch, generator, device) + self.max_shift
-        if (source_height, source_width) != (height, width) or bool((top != 0).any() or (left != 0).any()):
+        # Decided from Python values only: testing the offsets themselves would wait for the device every batch.
+        random_offsets = generator is not None and (self.random_crop or self.max_shift > 0)
+        if (source_height, source_width) != (height, width) or random_offsets:
             pixels = translate_crop(pixels, top, left, height, width)
         if generator is not None:
             if self.random_flip:

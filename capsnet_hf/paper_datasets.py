@@ -123,7 +123,9 @@ class _DigitGenerator(abc.ABC):
         return self.images.shape[0] * self.variants_per_digit
 
     def _indices(self, indices: torch.Tensor | Sequence[int] | range | int) -> torch.Tensor:
-        indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64).reshape(-1).to(self.device)
+        if not isinstance(indices, torch.Tensor):
+            indices = torch.as_tensor(np.asarray(indices))
+        indices = indices.to(self.device, torch.int64).reshape(-1)
         if indices.numel() and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"indices must lie in [0, {len(self)}), got [{indices.min()}, {indices.max()}]")
         return indices

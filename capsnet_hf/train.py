@@ -499,7 +499,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for step in range(state["step"], max_train_steps):
         epoch, position = divmod(step, steps_per_epoch)
         if order_epoch != epoch:
-            order, order_epoch = epoch_permutation(len(train_data), args.seed, epoch), epoch
+            # On the device, so that drawing a batch never waits for it (a blocking host-to-GPU copy would).
+            order, order_epoch = epoch_permutation(len(train_data), args.seed, epoch).to(device), epoch
         model.train()
         for micro in range(args.gradient_accumulation_steps):
             start = (
