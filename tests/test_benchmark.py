@@ -1,21 +1,34 @@
-"""`benchmarks/bench_capsnet.py` runs end to end on a tiny case and writes what it prints (no timing assertions:
-speed figures belong to the benchmark, not to the tests)."""
+"""The benchmark scripts run end to end on tiny cases and write what they print (no timing assertions: speed
+figures belong to the benchmarks, not to the tests)."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_capsnet.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    """Import `benchmarks/<name>.py` as its own module (the scripts import each other from their folder)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_capsnet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_capsnet")
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return load_script("bench_training_throughput")
 
 
 def test_one_small_case_writes_every_timing_and_memory(bench, tmp_path, capsys):
@@ -38,3 +51,35 @@ def test_bad_flags_are_refused(bench, argv):
     with pytest.raises(SystemExit) as error:
         bench.parse_args(argv)
     assert error.value.code == 2
+
+
+def test_training_throughput_runs_every_mode_and_profiles(throughput, tmp_path, capsys):
+    output = tmp_path / "throughput.json"
+    argv = ["--threads", "1", "--synthetic-examples", "12", "--batch-size", "4", "--steps", "2", "--windows", "2"]
+    argv += ["--warmup", "1", "--modes", "fp32", "bf16", "fp32-compile", "--compile-backend", "aot_eager"]
+    assert throughput.main([*argv, "--profile", "--profile-steps", "1", "--json", str(output)]) == 0
+    payload = json.loads(output.read_text())
+    assert payload["data"].startswith("synthetic: 12 ")
+    results = {r["mode"]: r for r in payload["results"]}
+    assert set(results) == {"fp32", "bf16", "fp32-compile"}
+    for result in results.values():
+        assert result["batch_size"] == 4 and result["steps_timed"] == 4
+        assert 0 < result["images_per_s"]["min"] <= result["images_per_s"]["median"] <= result["images_per_s"]["max"]
+        assert result["epoch_s"] == pytest.approx(12 / result["images_per_s"]["median"])
+        assert 0 < result["loss_last_window"] < 10
+        assert "Self CPU" in result["profile"]
+    assert results["fp32-compile"]["compile_s"] > 0 and "compile_s" not in results["fp32"]
+    assert "fp32-compile" in capsys.readouterr().out
+
+
+def test_training_throughput_refuses_bad_input(throughput, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        throughput.parse_args(["--modes", "fp16"])
+    assert error.value.code == 2
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--steps", "0"])
+    assert throughput.main(["--synthetic-examples", "4", "--batch-size", "8", "--json", str(tmp_path / "r.json")]) == 2
+    assert "batch size 8 exceeds the 4 training images" in capsys.readouterr().err
+    assert throughput.main(["--dataset", str(tmp_path / "missing"), "--json", str(tmp_path / "r.json")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
