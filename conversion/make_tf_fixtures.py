@@ -177,6 +177,22 @@ def load_official(official_dir: Path, conv1_channels: int, decoder_hidden_sizes:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def official_hparams(num_prime_capsules: int, padding: str, leaky: bool, remake: bool) -> types.SimpleNamespace:
+    """Hyperparameters of the official `CapsuleModel`: the values both fixtures share, and the four that differ."""
+    return types.SimpleNamespace(
+        decay_rate=0.96,
+        decay_steps=2000,
+        leaky=leaky,
+        learning_rate=0.001,
+        loss_type="margin",
+        num_prime_capsules=num_prime_capsules,
+        padding=padding,
+        remake=remake,
+        routing=3,
+        verbose=False,
+    )
+
+
 def build_graph(capsule_model, hparams, depth, dim, num_classes):
     features = {
         "images": tf1.placeholder(tf1.float32, [None, depth, dim, dim]),
@@ -224,18 +240,7 @@ def make_mnist_style(official_dir: Path, out: Path, args) -> None:
     with tf1.Graph().as_default():
         tf1.set_random_seed(1)
         capsule_model = load_official(official_dir, args.conv1_channels, args.decoder_hidden_sizes, records)
-        hparams = types.SimpleNamespace(
-            decay_rate=0.96,
-            decay_steps=2000,
-            leaky=False,
-            learning_rate=0.001,
-            loss_type="margin",
-            num_prime_capsules=args.mnist_types,
-            padding="VALID",
-            remake=True,
-            routing=3,
-            verbose=False,
-        )
+        hparams = official_hparams(args.mnist_types, "VALID", leaky=False, remake=True)
         features, result, inferred = build_graph(capsule_model, hparams, depth, dim, num_classes)
         with tf1.Session(config=tf1.ConfigProto(allow_soft_placement=True)) as session:
             session.run(tf1.global_variables_initializer())
@@ -261,18 +266,7 @@ def make_mnist_style(official_dir: Path, out: Path, args) -> None:
 def make_cifar_style(official_dir: Path, out: Path, args) -> None:
     records: dict = {}
     depth, dim, num_classes, members = 3, args.cifar_size, args.cifar_classes, args.cifar_members
-    hparams = types.SimpleNamespace(
-        decay_rate=0.96,
-        decay_steps=2000,
-        leaky=True,
-        learning_rate=0.001,
-        loss_type="margin",
-        num_prime_capsules=args.cifar_types,
-        padding="SAME",
-        remake=False,
-        routing=3,
-        verbose=False,
-    )
+    hparams = official_hparams(args.cifar_types, "SAME", leaky=True, remake=False)
     for member in range(members):
         with tf1.Graph().as_default():
             tf1.set_random_seed(100 + member)
