@@ -23,7 +23,7 @@ without it, ``--synthetic-examples`` uniformly random 28x28 uint8 images and lab
 throughput, does not depend on the pixel values).
 
 Example (GPU):
-    python benchmarks/bench_training_throughput.py --device cuda --dataset data/mnist --batch-size 128 512 1024 \
+    python benchmarks/bench_training_throughput.py --device cuda --dataset ylecun/mnist --batch-size 128 512 1024 \
         --modes fp32 bf16 bf16-compile --profile --json throughput.json
 """
 
