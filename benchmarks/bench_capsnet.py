@@ -319,8 +319,21 @@ def print_table(results: list[dict]) -> None:
             print(f"  {r['image_size']} px, batch {r['batch_size']}: {ratios}")
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a temporary file in the same folder, moved into place."""
+def open_device(name: str, threads: int) -> torch.device | None:
+    """The device `--device` names, with `threads` torch CPU threads; None, after an error message, for a CUDA
+    device on a machine without CUDA."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {name} requested but CUDA is not available", file=sys.stderr)
+        return None
+    torch.set_num_threads(threads)
+    return device
+
+
+def write_json(path: Path, args: argparse.Namespace, device: torch.device, **results) -> None:
+    """The machine details, the arguments and `results` as JSON, written atomically: a temporary file in the same
+    folder, moved into place."""
+    payload = {"machine": machine_details(device), "args": {k: str(v) for k, v in vars(args).items()}, **results}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
         json.dump(payload, handle, indent=1)
@@ -353,11 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+    device = open_device(args.device, args.threads)
+    if device is None:
         return 2
-    torch.set_num_threads(args.threads)
     results = []
     for image_size, batch_size in itertools.product(args.image_size, args.batch_size):
         load_before = load_average()
@@ -372,9 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print_table(results)
     if args.json is not None:
-        payload = {"machine": machine_details(device), "args": {k: str(v) for k, v in vars(args).items()}}
-        payload["results"] = results
-        write_json(args.json, payload)
+        write_json(args.json, args, device, results=results)
     return 0
 
 

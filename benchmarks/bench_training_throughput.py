@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_capsnet import load_average, machine_details, synchronize, write_json
+from bench_capsnet import load_average, open_device, synchronize, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification
@@ -202,11 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+    device = open_device(args.device, args.threads)
+    if device is None:
         return 2
-    torch.set_num_threads(args.threads)
     try:
         data, description = load_data(args, device)
     except DataError as error:
@@ -222,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {mode} batch {batch_size}", file=sys.stderr, flush=True)
     print_table(results)
     if args.json is not None:
-        payload = {"machine": machine_details(device), "args": {k: str(v) for k, v in vars(args).items()}}
-        payload.update(data=description, results=results)
-        write_json(args.json, payload)
+        write_json(args.json, args, device, data=description, results=results)
     return 0
 
 
