@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -82,4 +83,12 @@ def test_training_throughput_refuses_bad_input(throughput, tmp_path, capsys):
     assert "batch size 8 exceeds the 4 training images" in capsys.readouterr().err
     assert throughput.main(["--dataset", str(tmp_path / "missing"), "--json", str(tmp_path / "r.json")]) == 2
     assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("script", ["bench_capsnet", "bench_training_throughput"])
+def test_cuda_without_cuda_is_a_clear_error(script, tmp_path, capsys):
+    assert load_script(script).main(["--device", "cuda", "--json", str(tmp_path / "r.json")]) == 2
+    assert "--device cuda requested but CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
