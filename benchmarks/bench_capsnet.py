@@ -196,9 +196,12 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         functions["train_saver"] = make_train_step(saver, saver, pixels, labels)
     result = {"image_size": image_size, "batch_size": batch_size, "num_primary_capsules": config.num_primary_capsules}
     if args.compile:
+        # Without a reset, the compiled code of an earlier case would make this one recompile with a dynamic batch
+        # size (torch's automatic dynamic shapes): each case gets its own static-shape graphs.
+        torch.compiler.reset()
         compiled_model = build_model(config, device, state, memory_saver=False)
-        compiled = torch.compile(compiled_model, fullgraph=True)
-        compiled_encoder = torch.compile(compiled_model.capsnet, fullgraph=True)
+        compiled = torch.compile(compiled_model, fullgraph=True, backend=args.compile_backend)
+        compiled_encoder = torch.compile(compiled_model.capsnet, fullgraph=True, backend=args.compile_backend)
 
         def infer_compiled() -> None:
             with torch.no_grad():
@@ -349,6 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians are reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model, fullgraph=True)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory of one training step")
     parser.add_argument("--no-saver", action="store_true", help="skip the memory-saver training step")
     parser.add_argument("--memory-only", action="store_true", help="measure memory, skip the timings")

@@ -66,11 +66,10 @@ class TrainingSteps:
         self.autocast_dtype = torch.bfloat16 if mode.startswith("bf16") else None
         torch.manual_seed(args.seed)
         self.model = CapsNetForImageClassification(CapsNetConfig()).to(self.device).train()
-        self.forward = (
-            torch.compile(self.model, fullgraph=True, backend=args.compile_backend)
-            if mode.endswith("-compile")
-            else self.model
-        )
+        self.forward = self.model
+        if mode.endswith("-compile"):
+            torch.compiler.reset()  # static shapes for this batch size, not a dynamic recompile of an earlier case
+            self.forward = torch.compile(self.model, fullgraph=True, backend=args.compile_backend)
         self.optimizer = create_optimizer(self.model.parameters(), 1e-3, self.device)
         self.step, self.order, self.order_epoch = 0, None, None
 

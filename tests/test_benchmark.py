@@ -3,6 +3,7 @@ figures belong to the benchmarks, not to the tests)."""
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -92,3 +93,31 @@ def test_cuda_without_cuda_is_a_clear_error(script, tmp_path, capsys):
     assert load_script(script).main(["--device", "cuda", "--json", str(tmp_path / "r.json")]) == 2
     assert "--device cuda requested but CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("bench_capsnet", ["--compile", "--no-saver", "--image-size", "28", "--repeats", "1", "--warmup", "0"]),
+        ("bench_training_throughput", ["--modes", "fp32-compile", "--synthetic-examples", "4", "--steps", "1"]),
+    ],
+)
+def test_every_compiled_case_gets_its_own_static_graphs(script, argv, tmp_path):
+    """A second batch size must not recompile the first one's code with a dynamic batch dimension."""
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    torch.compiler.reset()  # code compiled by earlier tests must not hide a recompile
+    torch._logging.set_logs(recompiles=True)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        common = ["--threads", "1", "--batch-size", "1", "2", "--compile-backend", "aot_eager"]
+        assert load_script(script).main([*argv, *common, "--json", str(tmp_path / "r.json")]) == 0
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        torch._logging.set_logs()
+    assert not [message for message in messages if "Recompiling" in message]
