@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -44,8 +45,8 @@ from capsnet_hf import CapsNetConfig, CapsNetForImageClassification
 from capsnet_hf.data import (
     BatchTransform,
     DataError,
+    EpochOrder,
     ImageTensorDataset,
-    epoch_permutation,
     load_splits,
     make_generator,
 )
@@ -71,14 +72,11 @@ class TrainingSteps:
             torch.compiler.reset()  # static shapes for this batch size, not a dynamic recompile of an earlier case
             self.forward = torch.compile(self.model, fullgraph=True, backend=args.compile_backend)
         self.optimizer = create_optimizer(self.model.parameters(), 1e-3, self.device)
-        self.step, self.order, self.order_epoch = 0, None, None
+        self.order, self.step = EpochOrder(len(data), args.seed, self.device), 0
 
     def __call__(self) -> torch.Tensor:
         epoch, position = divmod(self.step, self.steps_per_epoch)
-        if self.order_epoch != epoch:
-            self.order = epoch_permutation(len(self.data), self.seed, epoch).to(self.device)
-            self.order_epoch = epoch
-        batch = self.data.batch(self.order[position * self.batch_size : (position + 1) * self.batch_size])
+        batch = self.data.batch(self.order.indices(epoch, position * self.batch_size, self.batch_size))
         pixel_values = self.transform(batch["pixel_values"], make_generator(self.device, self.seed, self.step))
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = self.forward(pixel_values=pixel_values, labels=batch["labels"]).loss
@@ -122,7 +120,7 @@ def bench_mode(mode: str, data: ImageTensorDataset, batch_size: int, args: argpa
         synchronize(device)
         window_seconds.append(time.perf_counter() - started)
     mean_loss = torch.stack(losses).float().mean().item()
-    if not torch.isfinite(torch.tensor(mean_loss)):
+    if not math.isfinite(mean_loss):
         raise RuntimeError(f"mode {mode}, batch {batch_size}: the training loss is not finite ({mean_loss})")
     rates = [args.steps * batch_size / seconds for seconds in window_seconds]
     median_rate = statistics.median(rates)

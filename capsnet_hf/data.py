@@ -346,6 +346,23 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+class EpochOrder:
+    """Batch indices from each epoch's [`epoch_permutation`], moved to `device` once per epoch: taking a batch's
+    indices then never copies from the host (on a GPU a blocking host-to-device copy waits for all queued work)."""
+
+    def __init__(self, num_examples: int, seed: int, device: torch.device | str):
+        self.num_examples, self.seed, self.device = num_examples, seed, torch.device(device)
+        self._epoch: int | None = None
+        self._order: torch.Tensor | None = None
+
+    def indices(self, epoch: int, start: int, count: int) -> torch.Tensor:
+        """Positions `start` to `start + count` of epoch `epoch`'s order: int64 `[count]` on the device."""
+        if epoch != self._epoch:
+            self._order = epoch_permutation(self.num_examples, self.seed, epoch).to(self.device)
+            self._epoch = epoch
+        return self._order[start : start + count]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # One call from a data-set name to tensors
 # ---------------------------------------------------------------------------------------------------------------------
@@ -495,6 +512,7 @@ def load_paper_splits(
 __all__ = [
     "BatchTransform",
     "DataError",
+    "EpochOrder",
     "EVALUATION_ONLY_DATASETS",
     "IMAGE_COLUMN_CANDIDATES",
     "ImageTensorDataset",

@@ -34,8 +34,8 @@ import torch
 from .data import (
     PAPER_DATASETS,
     BatchTransform,
+    EpochOrder,
     UsageError,
-    epoch_permutation,
     load_paper_splits,
     load_splits,
     make_generator,
@@ -495,18 +495,15 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     progress = tqdm(range(max_train_steps), initial=state["step"], disable=not accelerator.is_local_main_process)
     running = torch.zeros(3, device=device)  # loss, margin loss, reconstruction loss summed since the last log
     window_micro_batches, window_start = 0, time.time()
-    order, order_epoch, last_result = None, None, None
+    order, last_result = EpochOrder(len(train_data), args.seed, device), None
     for step in range(state["step"], max_train_steps):
         epoch, position = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            # On the device, so that drawing a batch never waits for it (a blocking host-to-GPU copy would).
-            order, order_epoch = epoch_permutation(len(train_data), args.seed, epoch).to(device), epoch
         model.train()
         for micro in range(args.gradient_accumulation_steps):
             start = (
                 (position * args.gradient_accumulation_steps + micro) * world + rank
             ) * args.per_device_train_batch_size
-            batch = train_data.batch(order[start : start + args.per_device_train_batch_size])
+            batch = train_data.batch(order.indices(epoch, start, args.per_device_train_batch_size))
             generator = make_generator(device, args.seed, step, micro, rank)
             inputs = {
                 "pixel_values": train_transform(batch["pixel_values"].to(device), generator),

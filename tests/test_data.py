@@ -8,6 +8,7 @@ from PIL import Image
 from capsnet_hf.data import (
     BatchTransform,
     DataError,
+    EpochOrder,
     ImageTensorDataset,
     decode_images,
     detect_column,
@@ -168,3 +169,12 @@ def test_image_tensor_dataset_and_permutation():
     assert batch["pixel_values"].view(-1).tolist() == [4, 0] and batch["labels"].tolist() == [4, 0]
     assert torch.equal(epoch_permutation(100, 3, 1), epoch_permutation(100, 3, 1))
     assert not torch.equal(epoch_permutation(100, 3, 1), epoch_permutation(100, 3, 2))
+
+
+def test_epoch_order_slices_each_epochs_permutation_drawn_once():
+    order = EpochOrder(100, seed=3, device="cpu")
+    first = order.indices(1, 10, 8)
+    assert torch.equal(first, epoch_permutation(100, 3, 1)[10:18]) and first.dtype == torch.int64
+    # Same epoch: a view of the same device tensor, not a new permutation.
+    assert order.indices(1, 0, 4).untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    assert torch.equal(order.indices(2, 96, 8), epoch_permutation(100, 3, 2)[96:])
