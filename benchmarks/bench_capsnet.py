@@ -11,6 +11,8 @@ grow the primary-capsule grid), and times, interleaved round-robin so that machi
   fused Adam on CPU and CUDA);
 - ``train_plain_adam`` (with ``--plain-adam``): the same step with ``torch.optim.Adam``'s default implementation;
 - ``train_saver``: the same step with the memory saver on (``model.activation_checkpointing_enable()``);
+- with ``--cpu-routing-kernel``: ``infer_kernel``, ``infer`` with the opt-in CPU routing kernel
+  (``capsnet_hf.enable_cpu_routing_kernel``; it is built before the timings);
 - with ``--compile``: ``infer_compiled`` / ``train_compiled`` with ``torch.compile(model, fullgraph=True)`` (the
   compile time of the first call is reported apart).
 
@@ -42,7 +44,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from capsnet_hf import CapsNetConfig, CapsNetForImageClassification
+from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel
+from capsnet_hf.cpu_routing_kernel import KernelBuildError
 from capsnet_hf.train import create_optimizer
 
 MIB = 2**20
@@ -187,6 +190,14 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         "infer": infer,
         "train": make_train_step(model, model, pixels, labels),
     }
+    if args.cpu_routing_kernel:
+        kernel_model = enable_cpu_routing_kernel(build_model(config, device, state, memory_saver=False))
+
+        def infer_kernel() -> None:
+            with torch.no_grad():
+                kernel_model.capsnet(pixels)
+
+        functions["infer_kernel"] = infer_kernel
     if args.plain_adam:
         plain_model = build_model(config, device, state, memory_saver=False)
         functions["train_plain_adam"] = make_train_step(plain_model, plain_model, pixels, labels, plain_adam=True)
@@ -286,7 +297,16 @@ def load_average() -> list[float] | None:
 
 def print_table(results: list[dict]) -> None:
     """One line per case: median times (ms), each followed by its ratio to the conv-only bound, then memory."""
-    columns = ["conv_fwd", "infer", "infer_compiled", "conv_fwd_bwd", "train", "train_plain_adam", "train_compiled"]
+    columns = [
+        "conv_fwd",
+        "infer",
+        "infer_kernel",
+        "infer_compiled",
+        "conv_fwd_bwd",
+        "train",
+        "train_plain_adam",
+        "train_compiled",
+    ]
     columns += ["train_saver"]
     present = [name for name in columns if any(name in r["times"] for r in results)]
     header = f"{'px':>4} {'B':>4} {'I':>6} |" + "".join(
@@ -359,8 +379,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--plain-adam", action="store_true", help="also time the train step with the default torch.optim.Adam"
     )
+    parser.add_argument(
+        "--cpu-routing-kernel", action="store_true", help="also time inference with the opt-in CPU routing kernel"
+    )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
+    if args.cpu_routing_kernel and not args.device.startswith("cpu"):
+        parser.error("--cpu-routing-kernel needs --device cpu")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     if min(args.batch_size) < 1 or min(args.image_size) < 25:
@@ -373,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     device = open_device(args.device, args.threads)
     if device is None:
         return 2
+    if args.cpu_routing_kernel:
+        try:
+            enable_cpu_routing_kernel(CapsNetForImageClassification(CapsNetConfig()))  # build it before timing
+        except KernelBuildError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     results = []
     for image_size, batch_size in itertools.product(args.image_size, args.batch_size):
         load_before = load_average()

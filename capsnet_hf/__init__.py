@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from .baseline_cnn import BaselineCNNConfig, BaselineCNNForImageClassification
 from .configuration_capsnet import CapsNetConfig
+from .cpu_routing_kernel import disable_cpu_routing_kernel, enable_cpu_routing_kernel
 from .image_processing_capsnet import CapsNetImageProcessor
 from .modeling_capsnet import (
     CapsNetForImageClassification,
@@ -41,4 +42,6 @@ __all__ = [
     "CapsNetModel",
     "CapsNetModelOutput",
     "CapsNetPreTrainedModel",
+    "disable_cpu_routing_kernel",
+    "enable_cpu_routing_kernel",
 ]

@@ -21,6 +21,19 @@ SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kernel_cache(tmp_path_factory):
+    """The CPU routing kernel is built into a temporary cache, not the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("kernel-cache")
+    previous = os.environ.get("CAPSNET_HF_KERNEL_CACHE")
+    os.environ["CAPSNET_HF_KERNEL_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("CAPSNET_HF_KERNEL_CACHE")
+    else:
+        os.environ["CAPSNET_HF_KERNEL_CACHE"] = previous
+
+
 @pytest.fixture
 def mnist_fixture_images():
     """The three real MNIST test digits in tests/fixtures as (PIL image, label) pairs."""

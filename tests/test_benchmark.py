@@ -36,18 +36,21 @@ def throughput():
 def test_one_small_case_writes_every_timing_and_memory(bench, tmp_path, capsys):
     output = tmp_path / "results.json"
     argv = ["--threads", "1", "--batch-size", "2", "--image-size", "28", "--repeats", "1", "--warmup", "0"]
-    assert bench.main([*argv, "--plain-adam", "--memory", "--json", str(output)]) == 0
+    assert bench.main([*argv, "--plain-adam", "--cpu-routing-kernel", "--memory", "--json", str(output)]) == 0
     result = json.loads(output.read_text())["results"][0]
-    assert set(result["times"]) == {"conv_fwd", "conv_fwd_bwd", "infer", "train", "train_plain_adam", "train_saver"}
+    timed = {"conv_fwd", "conv_fwd_bwd", "infer", "infer_kernel", "train", "train_plain_adam", "train_saver"}
+    assert set(result["times"]) == timed
     assert all(t["median_ms"] > 0 for t in result["times"].values())
-    for name in ("infer", "train", "train_plain_adam", "train_saver"):
+    for name in ("infer", "infer_kernel", "train", "train_plain_adam", "train_saver"):
         assert result["ratio_to_conv_bound"][name]["median"] > 0
     assert result["memory"]["train"]["peak_mib"] > 0 and result["memory"]["train_saver"]["peak_mib"] > 0
     assert "train_plain_adam" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
-    "argv", [["--batch-size", "0"], ["--image-size", "24"], ["--repeats", "0"]], ids=["batch", "size", "repeats"]
+    "argv",
+    [["--batch-size", "0"], ["--image-size", "24"], ["--repeats", "0"], ["--device", "cuda", "--cpu-routing-kernel"]],
+    ids=["batch", "size", "repeats", "kernel-on-cuda"],
 )
 def test_bad_flags_are_refused(bench, argv):
     with pytest.raises(SystemExit) as error:
@@ -121,3 +124,17 @@ def test_every_compiled_case_gets_its_own_static_graphs(script, argv, tmp_path):
         logging.getLogger("torch._dynamo").removeHandler(handler)
         torch._logging.set_logs()
     assert not [message for message in messages if "Recompiling" in message]
+
+
+def test_kernel_that_cannot_be_built_is_a_clear_error(bench, tmp_path, monkeypatch, capsys):
+    from capsnet_hf.cpu_routing_kernel import load_kernel_library
+
+    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
+    load_kernel_library.cache_clear()
+    try:
+        assert bench.main(["--cpu-routing-kernel", "--json", str(tmp_path / "r.json")]) == 2
+    finally:
+        load_kernel_library.cache_clear()
+    assert "needs a C++ compiler" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import small_config
 
-from capsnet_hf import CapsNetForImageClassification, CapsNetModel
+from capsnet_hf import CapsNetForImageClassification, CapsNetModel, enable_cpu_routing_kernel
 
 EPS = 1e-9
 
@@ -145,6 +145,29 @@ def test_inference_matches_reference(padding, leaky, mode):
     with torch.no_grad():
         actual = dict(zip(names, model_forward(model)(PIXELS), strict=True))
         expected = dict(zip(names, reference_capsnet(model.members[0], config, PIXELS), strict=True))
+    assert_close_dicts(actual, expected)
+
+
+@pytest.mark.parametrize("routing_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("leaky", [False, True], ids=["softmax", "leaky"])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_cpu_routing_kernel_matches_reference(padding, leaky, iterations, routing_bias):
+    """The opt-in C++ kernel; 17 px gives I = 50 (valid) or 162 (same), not multiples of its 8 lanes."""
+    model, config = build(
+        "whole",
+        image_size=17,
+        padding=padding,
+        leaky_routing=leaky,
+        routing_iterations=iterations,
+        routing_bias=routing_bias,
+    )
+    enable_cpu_routing_kernel(model)
+    pixels = torch.rand(5, 1, 17, 17, generator=torch.Generator().manual_seed(4))
+    names = ("poses", "coupling", "primary")
+    with torch.no_grad():
+        actual = dict(zip(names, model_forward(model)(pixels), strict=True))
+        expected = dict(zip(names, reference_capsnet(model.members[0], config, pixels), strict=True))
     assert_close_dicts(actual, expected)
 
 

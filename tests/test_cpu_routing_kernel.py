@@ -1,0 +1,148 @@
+"""The opt-in CPU routing kernel: when the model uses it, what it leaves alone, and how it fails.
+
+Its numbers are checked against the reference formulation in test_routing_reference.py.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import small_config
+
+from capsnet_hf import (
+    CapsNetForImageClassification,
+    CapsNetModel,
+    cpu_routing_kernel,
+    disable_cpu_routing_kernel,
+    enable_cpu_routing_kernel,
+)
+from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel, KernelBuildError, load_kernel_library
+
+PIXELS = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+def twin_models(**overrides) -> tuple[CapsNetForImageClassification, CapsNetForImageClassification]:
+    """Two models with the same weights, the second with the kernel."""
+    torch.manual_seed(0)
+    plain = CapsNetForImageClassification(small_config(**overrides)).eval()
+    fast = CapsNetForImageClassification(small_config(**overrides)).eval()
+    fast.load_state_dict(plain.state_dict())
+    return plain, enable_cpu_routing_kernel(fast)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+    original = CpuRoutingKernel.__call__
+
+    def counting(self, layer, primary_capsules):
+        calls.append(primary_capsules.shape[0])
+        return original(self, layer, primary_capsules)
+
+    monkeypatch.setattr(CpuRoutingKernel, "__call__", counting)
+    return calls
+
+
+def test_inference_uses_kernel_and_matches_torch_path(kernel_calls):
+    plain, fast = twin_models(num_ensemble_members=2, use_decoder=False)
+    with torch.inference_mode():
+        expected = plain(PIXELS, output_routing_weights=True)
+        actual = fast(PIXELS, output_routing_weights=True)
+    assert kernel_calls == [5, 5]  # one call per ensemble member
+    for name in ("logits", "capsule_poses", "routing_weights"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
+    disable_cpu_routing_kernel(fast)
+    with torch.no_grad():
+        fast(PIXELS)
+    assert kernel_calls == [5, 5]
+
+
+def test_training_keeps_torch_path(kernel_calls):
+    plain, fast = twin_models()
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    for model in (plain, fast):
+        model.train()
+        model(PIXELS, labels=labels).loss.backward()
+    assert kernel_calls == []
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_other_dtypes_devices_and_compile_keep_torch_path(kernel_calls):
+    _, fast = twin_models()
+    with torch.no_grad():
+        fast.to(torch.float64)(PIXELS.double())
+        fast.to(torch.float32)
+        compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(PIXELS).logits, fast(PIXELS).logits, rtol=1e-5, atol=1e-6)
+    assert kernel_calls == [5]  # only the eager float32 call
+    torch._dynamo.reset()
+
+
+def test_changed_weights_are_repacked():
+    plain, fast = twin_models()
+    with torch.no_grad():
+        fast(PIXELS)  # packs the weight
+        for model in (plain, fast):
+            model.capsnet.members[0].class_capsules.weight.mul_(-1.5)
+        torch.testing.assert_close(fast(PIXELS).logits, plain(PIXELS).logits, rtol=1e-5, atol=1e-6)
+        fast.load_state_dict(CapsNetForImageClassification(small_config()).state_dict())
+        plain.load_state_dict(fast.state_dict())
+        torch.testing.assert_close(fast(PIXELS).logits, plain(PIXELS).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_copies_pickles_and_saved_models(tmp_path):
+    plain, fast = twin_models()
+    with torch.no_grad():
+        expected = plain(PIXELS).logits
+        fast(PIXELS)
+        copied = copy.deepcopy(fast)
+        buffer = io.BytesIO()
+        torch.save(fast, buffer)
+        buffer.seek(0)
+        unpickled = torch.load(buffer, weights_only=False)
+        for model in (copied, unpickled):
+            assert model.capsnet.members[0].class_capsules.inference_kernel is not None
+            torch.testing.assert_close(model(PIXELS).logits, expected, rtol=1e-5, atol=1e-6)
+    fast.save_pretrained(tmp_path)  # the kernel is not part of the model's files
+    reloaded = CapsNetForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.capsnet.members[0].class_capsules.inference_kernel is None
+
+
+def test_model_without_capsule_layers_is_refused():
+    with pytest.raises(ValueError, match="no CapsNet class-capsule layer"):
+        enable_cpu_routing_kernel(torch.nn.Linear(2, 2))
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
+    model = CapsNetModel(small_config())
+    with pytest.raises(KernelBuildError, match="needs a C\\+\\+ compiler.*no-such-compiler-for-capsnet"):
+        enable_cpu_routing_kernel(model, cache_dir=str(tmp_path / "cache"))
+    assert model.members[0].class_capsules.inference_kernel is None
+    assert not (tmp_path / "cache").exists()
+
+
+def test_compile_error_leaves_nothing_behind(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text('extern "C" int capsnet_lanes() { return }\n')
+    monkeypatch.setattr(cpu_routing_kernel, "KERNEL_SOURCE", broken)
+    cache = tmp_path / "cache"
+    with pytest.raises(KernelBuildError, match="compiling the CPU routing kernel with .* failed:\n.*error"):
+        load_kernel_library(str(cache))
+    assert list(cache.iterdir()) == []
+
+
+def test_corrupt_cached_library_is_a_clear_error(tmp_path):
+    built = tmp_path / "built"
+    load_kernel_library(str(built))
+    (library,) = built.iterdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / library.name).write_bytes(b"not a shared library")  # a new file: the loaded one stays mapped
+    with pytest.raises(KernelBuildError, match="cannot load the CPU routing kernel .*delete it to rebuild"):
+        load_kernel_library(str(corrupt))
+    (corrupt / library.name).unlink()
+    load_kernel_library.cache_clear()
+    assert load_kernel_library(str(corrupt)).capsnet_lanes() == 8  # rebuilt
