@@ -5,9 +5,11 @@ ops: portable, differentiable and compilable, but on a CPU it writes the votes t
 2 x iterations - 1 times, which costs far more than their arithmetic (docs/performance.md).
 `csrc/capsule_routing.cpp` instead keeps a few examples' votes in a per-thread buffer and routes each example with
 one pass per iteration. `enable_cpu_routing_kernel(model)` builds it with the system C++ compiler on first use
-(about a second, cached) and attaches it to every class-capsule layer; those layers then use it for float32 CPU
-forward passes without autograd, outside `torch.compile`. Training, GPUs, other dtypes and compiled models keep
-the torch path. The results equal the torch path's to float32 rounding (tests/test_routing_reference.py).
+(about a second, cached under `default_cache_dir()`) and attaches it to every class-capsule layer; those layers then
+use it for float32 CPU forward passes without autograd, outside `torch.compile`, on `torch.get_num_threads()`
+OpenMP threads. Training, GPUs, other dtypes and compiled models keep the torch path. The results equal the torch
+path's to float32 rounding (tests/test_routing_reference.py). Needs a C++ compiler (g++ or clang++, or `CXX`);
+tested on Linux x86-64 with GCC 12.
 
     model = AutoModelForImageClassification.from_pretrained(...)
     enable_cpu_routing_kernel(model.eval())
@@ -20,18 +22,25 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 KERNEL_SOURCE = Path(__file__).with_name("csrc") / "capsule_routing.cpp"
-COMPILE_FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+COMPILE_FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC")
+# With OpenMP the kernel runs on the process's OpenMP threads (torch's own pool on Linux, where both use libgomp);
+# a compiler without it builds a single-threaded kernel instead.
+OPENMP_FLAGS = ("-fopenmp",)
 EXAMPLES_PER_BLOCK = 2  # examples whose votes share one sweep over the weight (2-8 measured within 10 %)
 
 
@@ -67,6 +76,10 @@ def _cpu_identity() -> str:
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 
+def _compile(compiler: str, flags: Sequence[str], target: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([compiler, *flags, str(KERNEL_SOURCE), "-o", str(target)], capture_output=True, text=True)
+
+
 @functools.cache
 def load_kernel_library(cache_dir: str | None = None) -> ctypes.CDLL:
     """Compile `csrc/capsule_routing.cpp` (once per source, compiler and CPU) and load it.
@@ -83,7 +96,7 @@ def load_kernel_library(cache_dir: str | None = None) -> ctypes.CDLL:
     identity = b"\0".join(
         [
             source,
-            " ".join(COMPILE_FLAGS).encode(),
+            " ".join((*COMPILE_FLAGS, *OPENMP_FLAGS)).encode(),
             version.encode(),
             platform.machine().encode(),
             _cpu_identity().encode(),
@@ -95,12 +108,16 @@ def load_kernel_library(cache_dir: str | None = None) -> ctypes.CDLL:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory) as build_dir:
             built = Path(build_dir) / library_path.name
-            result = subprocess.run(
-                [compiler, *COMPILE_FLAGS, str(KERNEL_SOURCE), "-o", str(built)], capture_output=True, text=True
-            )
+            result = _compile(compiler, (*COMPILE_FLAGS, *OPENMP_FLAGS), built)
             if result.returncode != 0:
-                raise KernelBuildError(
-                    f"compiling the CPU routing kernel with {compiler} failed:\n{result.stderr.strip()[-2000:]}"
+                if _compile(compiler, COMPILE_FLAGS, built).returncode != 0:
+                    raise KernelBuildError(
+                        f"compiling the CPU routing kernel with {compiler} failed:\n{result.stderr.strip()[-2000:]}"
+                    )
+                logger.warning(
+                    "%s could not build the CPU routing kernel with OpenMP (%s): built it single-threaded instead",
+                    compiler,
+                    " ".join(OPENMP_FLAGS),
                 )
             os.replace(built, library_path)
     try:
@@ -113,6 +130,7 @@ def load_kernel_library(cache_dir: str | None = None) -> ctypes.CDLL:
     library.capsnet_route.argtypes = [pointer] * 5 + [size] * 7 + [ctypes.c_int, ctypes.c_float, size, ctypes.c_int]
     library.capsnet_route.restype = None
     library.capsnet_lanes.restype = ctypes.c_int
+    library.capsnet_threaded.restype = ctypes.c_int
     return library
 
 
@@ -143,6 +161,12 @@ class CpuRoutingKernel:
         return self._packed_weight
 
     def __call__(self, layer: nn.Module, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num_inputs, _, _, input_dim = layer.weight.shape
+        if primary_capsules.dim() != 3 or tuple(primary_capsules.shape[1:]) != (num_inputs, input_dim):
+            raise ValueError(
+                f"primary capsules of shape {tuple(primary_capsules.shape)} do not fit this layer's weight "
+                f"{tuple(layer.weight.shape)}: expected (batch, {num_inputs}, {input_dim})"
+            )
         weight = self.packed_weight(layer.weight)
         inputs = primary_capsules.contiguous()
         bias = None if layer.bias is None else layer.bias.detach().contiguous()

@@ -479,11 +479,13 @@ class CapsNetModel(CapsNetPreTrainedModel):
                 f"pixel_values must have shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] for this model, "
                 f"got {list(pixel_values.shape)} (use CapsNetImageProcessor to prepare images)"
             )
-        results = [member(pixel_values) for member in self.members]
-        poses, primary, coupling = (torch.stack(parts, dim=1) for parts in zip(*results, strict=True))
-        lengths = capsule_length(poses, epsilon=self.config.squash_epsilon).mean(1)
-        if len(self.members) == 1:
-            poses, primary, coupling = poses[:, 0], primary[:, 0], coupling[:, 0]
+        if len(self.members) == 1:  # no member axis, and no stacked copies of the outputs
+            poses, primary, coupling = self.members[0](pixel_values)
+            lengths = capsule_length(poses, epsilon=self.config.squash_epsilon)
+        else:
+            results = [member(pixel_values) for member in self.members]
+            poses, primary, coupling = (torch.stack(parts, dim=1) for parts in zip(*results, strict=True))
+            lengths = capsule_length(poses, epsilon=self.config.squash_epsilon).mean(1)
         output = CapsNetModelOutput(
             capsule_poses=poses,
             capsule_lengths=lengths,

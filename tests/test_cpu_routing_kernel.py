@@ -110,6 +110,13 @@ def test_copies_pickles_and_saved_models(tmp_path):
     assert reloaded.capsnet.members[0].class_capsules.inference_kernel is None
 
 
+def test_capsules_that_do_not_fit_the_weight_are_refused():
+    _, fast = twin_models()
+    layer = fast.capsnet.members[0].class_capsules
+    with torch.no_grad(), pytest.raises(ValueError, match=r"do not fit .* expected \(batch, 32, 4\)"):
+        layer(torch.rand(2, 31, 4))
+
+
 def test_model_without_capsule_layers_is_refused():
     with pytest.raises(ValueError, match="no CapsNet class-capsule layer"):
         enable_cpu_routing_kernel(torch.nn.Linear(2, 2))
@@ -132,6 +139,20 @@ def test_compile_error_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(KernelBuildError, match="compiling the CPU routing kernel with .* failed:\n.*error"):
         load_kernel_library(str(cache))
     assert list(cache.iterdir()) == []
+
+
+def test_compiler_without_openmp_builds_a_single_threaded_kernel(tmp_path, monkeypatch, caplog):
+    assert load_kernel_library().capsnet_threaded() == 1  # the default build has OpenMP
+    torch.manual_seed(0)
+    plain = CapsNetForImageClassification(small_config()).eval()
+    fast = copy.deepcopy(plain)
+    monkeypatch.setattr(cpu_routing_kernel, "OPENMP_FLAGS", ("-fno-such-openmp-option",))
+    with caplog.at_level("WARNING", logger="capsnet_hf.cpu_routing_kernel"):
+        enable_cpu_routing_kernel(fast, cache_dir=str(tmp_path / "cache"))
+    assert "built it single-threaded" in caplog.text
+    assert load_kernel_library(str(tmp_path / "cache")).capsnet_threaded() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(fast(PIXELS).logits, plain(PIXELS).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_corrupt_cached_library_is_a_clear_error(tmp_path):

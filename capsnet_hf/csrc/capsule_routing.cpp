@@ -17,9 +17,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <system_error>
-#include <thread>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -198,6 +200,14 @@ void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
 
 extern "C" int capsnet_lanes() { return kLanes; }
 
+extern "C" int capsnet_threaded() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 extern "C" void capsnet_route(const float* inputs, const float* weight, const float* bias, float* poses,
                               float* coupling, int64_t batch, int64_t inputs_per_example, int64_t input_dim,
                               int64_t parents, int64_t pose_dim, int64_t padded_inputs, int64_t iterations,
@@ -205,14 +215,12 @@ extern "C" void capsnet_route(const float* inputs, const float* weight, const fl
   const Problem problem{inputs,    weight,     bias,          poses,         coupling,   batch,
                         inputs_per_example, input_dim, parents, pose_dim, padded_inputs, iterations,
                         leaky != 0, epsilon, examples_per_block};
-  std::vector<std::thread> workers;
-  int started = 1;
-  try {
-    for (; started < threads; ++started) workers.emplace_back(route_blocks, std::cref(problem), started, threads);
-  } catch (const std::system_error&) {
-    // No more threads to be had: this thread takes the share of those that did not start.
-  }
-  for (int t = started; t < threads; ++t) route_blocks(problem, t, threads);
-  route_blocks(problem, 0, threads);
-  for (auto& worker : workers) worker.join();
+#ifdef _OPENMP
+  // Built with -fopenmp, this shares the process's OpenMP runtime (torch's libgomp on Linux) and its threads.
+#pragma omp parallel num_threads(threads)
+  route_blocks(problem, omp_get_thread_num(), omp_get_num_threads());
+#else
+  (void)threads;
+  route_blocks(problem, 0, 1);
+#endif
 }
