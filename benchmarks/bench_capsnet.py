@@ -1,7 +1,9 @@
 """Speed and memory of CapsNet training and inference against the bound set by its two convolutions.
 
 For every (image size, batch size) it builds the MNIST-geometry CapsNet (28 px is the paper's model; larger sizes
-grow the primary-capsule grid), and times, interleaved round-robin so that machine load hits all of them alike:
+grow the primary-capsule grid), and times, interleaved in rounds so that machine load hits all of them alike (in
+an order shuffled every round: what runs just before a call changes its time through the allocator's and the caches'
+state, and a fixed order would always give each variant the same predecessor):
 
 - ``conv_fwd`` / ``conv_fwd_bwd``: conv1 + primary conv alone (no ReLU, no capsules), forward / forward + backward
   of the sum of the primary conv output, parameter gradients only: the bound the capsule layers are measured against;
@@ -34,6 +36,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -101,7 +104,7 @@ def make_conv_functions(model, pixels: torch.Tensor) -> tuple[Callable[[], None]
 def time_interleaved(
     functions: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Run every function `warmup` times, then `repeats` rounds of all of them in turn.
+    """Run every function `warmup` times, then `repeats` rounds of all of them, each round in a shuffled order.
 
     Returns wall-clock and process CPU (user + system, all threads) seconds per call. On a shared machine the CPU
     time is the steadier measure of the work done: it does not count the time spent waiting for a core.
@@ -121,9 +124,12 @@ def time_interleaved(
         for function in functions.values():
             timed(function)
     times: dict[str, list[float]] = {name: [] for name in functions}
+    order = list(functions)
+    shuffler = random.Random(0)
     for _ in range(repeats):
-        for name, function in functions.items():
-            times[name].append(timed(function, name))
+        shuffler.shuffle(order)
+        for name in order:
+            times[name].append(timed(functions[name], name))
     return times, cpu_times
 
 

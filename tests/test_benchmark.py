@@ -47,6 +47,17 @@ def test_one_small_case_writes_every_timing_and_memory(bench, tmp_path, capsys):
     assert "train_plain_adam" in capsys.readouterr().out
 
 
+def test_rounds_are_timed_in_shuffled_orders(bench):
+    calls = []
+    functions = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times, cpu_times = bench.time_interleaved(functions, repeats=6, warmup=1, device=torch.device("cpu"))
+    assert all(len(times[name]) == len(cpu_times[name]) == 6 for name in functions)
+    rounds = [tuple(calls[start : start + 4]) for start in range(4, len(calls), 4)]  # after the warm-up round
+    assert all(sorted(order) == list("abcd") for order in rounds)
+    predecessors = set(zip(calls[4:-1], calls[5:], strict=True))
+    assert len(predecessors) > 4  # a fixed order would give each function a single predecessor
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--batch-size", "0"], ["--image-size", "24"], ["--repeats", "0"], ["--device", "cuda", "--cpu-routing-kernel"]],
