@@ -294,7 +294,8 @@ class CapsNetPrimaryCapsules(nn.Module):
         batch_size, _, height, width = hidden_states.shape
         hidden_states = hidden_states.view(batch_size, self.num_types, self.capsule_dim, height, width)
         hidden_states = hidden_states + self.bias[None, :, :, None, None]
-        hidden_states = hidden_states.permute(0, 1, 3, 4, 2).reshape(batch_size, -1, self.capsule_dim)
+        num_capsules = self.num_types * height * width
+        hidden_states = hidden_states.permute(0, 1, 3, 4, 2).reshape(batch_size, num_capsules, self.capsule_dim)
         return squash(hidden_states, epsilon=self.epsilon)
 
 

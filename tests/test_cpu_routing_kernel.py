@@ -58,6 +58,19 @@ def test_inference_uses_kernel_and_matches_torch_path(kernel_calls):
     assert kernel_calls == [5, 5]
 
 
+@pytest.mark.parametrize("batch_size", [0, 1, 3])
+def test_empty_and_small_batches(batch_size, kernel_calls):
+    """Fewer examples than threads x examples per block: the blocks shrink so that both threads get work."""
+    plain, fast = twin_models()
+    with torch.no_grad():
+        expected = plain(PIXELS[:batch_size], output_routing_weights=True)
+        actual = fast(PIXELS[:batch_size], output_routing_weights=True)
+    assert kernel_calls == [batch_size]
+    assert actual.logits.shape == (batch_size, 4)
+    for name in ("logits", "capsule_poses", "routing_weights"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
+
+
 def test_training_keeps_torch_path(kernel_calls):
     plain, fast = twin_models()
     labels = torch.tensor([0, 1, 2, 3, 1])

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -118,7 +119,8 @@ void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   const int64_t vectors = p.padded_inputs / kLanes, block = p.examples_per_block;
   const float uniform = 1.0f / static_cast<float>(J + (p.leaky ? 1 : 0));
   // Per example: inputs [P / L, A, L], votes [P / L, J, K, L], first weighted sum [J * K] (lanes not yet added).
-  std::vector<float> inputs(block * A * p.padded_inputs, 0.0f), votes(block * JK * p.padded_inputs);
+  std::vector<float> inputs(block * A * p.padded_inputs, 0.0f);
+  std::unique_ptr<float[]> votes(new float[block * JK * p.padded_inputs]);  // written before read: not zeroed
   std::vector<Vec> first_sums(block * JK), sums(JK), broadcast_poses(JK), couplings(J);
   std::vector<float> logits(J * p.padded_inputs), preactivation(JK), poses(JK);
   const int64_t num_blocks = (p.batch + block - 1) / block;
@@ -136,7 +138,7 @@ void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
       const float* weight = p.weight + v * JK * A * kLanes;
       for (int64_t e = 0; e < count; ++e) {
         const float* u = inputs.data() + e * A * p.padded_inputs + v * A * kLanes;
-        float* out = votes.data() + e * JK * p.padded_inputs + v * JK * kLanes;
+        float* out = votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
         Vec* first_sum = first_sums.data() + e * JK;
         if (A == 8)
           capsule_votes<8>(weight, u, A, JK, out, first_sum);
@@ -145,7 +147,7 @@ void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
       }
     }
     for (int64_t e = 0; e < count; ++e) {
-      const float* example_votes = votes.data() + e * JK * p.padded_inputs;
+      const float* example_votes = votes.get() + e * JK * p.padded_inputs;
       float* coupling = p.coupling + (first + e) * J * I;
       // First iteration: zero logits, uniform couplings 1/J (1/(J + 1) with the leak).
       for (int64_t jk = 0; jk < JK; ++jk) preactivation[jk] = lane_sum(first_sums[e * JK + jk]) * uniform;
