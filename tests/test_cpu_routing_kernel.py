@@ -105,6 +105,22 @@ def test_changed_weights_are_repacked():
         torch.testing.assert_close(fast(PIXELS).logits, plain(PIXELS).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_replaced_at_a_reused_address_is_repacked():
+    """A new weight storage with the same address, version and shape as the packed one must not pass as it."""
+    plain, fast = twin_models()
+    layer = fast.capsnet.members[0].class_capsules
+    with torch.no_grad():
+        fast(PIXELS)  # packs the weight
+        version, shape = layer.weight._version, layer.weight.shape
+        layer.weight.data = torch.empty(0)  # the old storage is freed unless something still holds it
+        replacement = torch.randn(shape)  # the allocator tends to hand the freed block out again
+        while replacement._version < version:
+            replacement.add_(0)
+        plain.capsnet.members[0].class_capsules.weight.data = replacement.clone()
+        layer.weight.data = replacement
+        torch.testing.assert_close(fast(PIXELS).logits, plain(PIXELS).logits, rtol=1e-5, atol=1e-6)
+
+
 def test_copies_pickles_and_saved_models(tmp_path):
     plain, fast = twin_models()
     with torch.no_grad():
