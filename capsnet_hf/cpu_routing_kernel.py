@@ -146,13 +146,7 @@ class CpuRoutingKernel:
         self._packed_storage = None  # held, so that no other weight can take its address while it is the key
 
     def __getstate__(self) -> dict:  # copies and pickles rebuild the packed weight on their first call
-        return {
-            "cache_dir": self.cache_dir,
-            "lanes": self.lanes,
-            "_packed_weight": None,
-            "_packed_from": None,
-            "_packed_storage": None,
-        }
+        return {**self.__dict__, "_packed_weight": None, "_packed_from": None, "_packed_storage": None}
 
     def packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W [I, J, K, A] -> [P / L, J, K, A, L]: L input capsules side by side, I padded to P with zeros."""
@@ -178,7 +172,7 @@ class CpuRoutingKernel:
         weight = self.packed_weight(layer.weight)
         inputs = primary_capsules.contiguous()
         bias = None if layer.bias is None else layer.bias.detach().contiguous()
-        batch_size, num_inputs, input_dim = inputs.shape
+        batch_size = inputs.shape[0]
         num_classes, capsule_dim = weight.shape[1], weight.shape[2]
         threads = torch.get_num_threads()
         poses = inputs.new_empty(batch_size, num_classes, capsule_dim)

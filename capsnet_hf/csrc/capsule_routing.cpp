@@ -47,7 +47,8 @@ inline float lane_sum(Vec value) {
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n p(r) with r = x - n ln 2 in [-ln2/2, ln2/2] and a
-// degree-6 polynomial (Cephes' expf coefficients), relative error about 1e-7; inputs below -87 give exp(-87).
+// degree-6 polynomial (Cephes' expf coefficients); relative error at most 8.4e-8 on [-87, 0] against double exp
+// (every 8e-5); inputs below -87 give exp(-87).
 inline Vec exp_nonpositive(Vec x) {
   x = x < -87.0f ? broadcast(-87.0f) : x;
   const Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
@@ -77,7 +78,7 @@ struct Problem {
   int64_t examples_per_block;
 };
 
-// Eq. 1 on s (bias added first), in place into v.
+// Adds the bias to s (in place) and writes v = squash(s) (Eq. 1), for every parent.
 void squash(const Problem& p, float* preactivation, float* poses) {
   for (int64_t j = 0; j < p.parents; ++j) {
     float* s = preactivation + j * p.pose_dim;
