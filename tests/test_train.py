@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, SHARED_DATASETS
 from safetensors.torch import load_file
 from test_data import write_dataset
 
-from capsnet_hf.train import UsageError, create_optimizer, main, parse_args, train
+from capsnet_hf.train import UsageError, create_optimizer, list_checkpoints, main, parse_args, train
 
 # A CapsNet small enough for 16x16 CPU tests (18 primary capsules).
 TINY_MODEL = [
@@ -118,6 +118,11 @@ def test_model_card_holds_the_measured_accuracy(mnist_run):
     assert f"{results['eval_accuracy']:.4f}" in card.text
 
 
+def checkpoint_steps(output_dir) -> list[int]:
+    """Steps of the complete checkpoints in `output_dir`; the run rotates them, so poll this rather than one name."""
+    return [int(os.path.basename(path)[5:]) for path in list_checkpoints(str(output_dir))]
+
+
 def test_resume_after_sigkill_reproduces_the_uninterrupted_weights(tmp_path, tiny_dataset):
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the killed run uses one thread too: same float reductions
@@ -130,7 +135,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_weights(tmp_path, tin
             process = subprocess.Popen(command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
             try:
                 deadline = time.time() + 240
-                while not (killed_dir / "checkpoints" / "step_6").is_dir():
+                while not checkpoint_steps(killed_dir) or max(checkpoint_steps(killed_dir)) < 6:
                     assert process.poll() is None, log_path.read_text()[-2000:]
                     assert time.time() < deadline, "no checkpoint after 240 s"
                     time.sleep(0.05)
@@ -139,7 +144,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_weights(tmp_path, tin
                     os.kill(process.pid, signal.SIGKILL)
                 process.wait()
         assert process.returncode == -signal.SIGKILL
-        steps = sorted(int(name[5:]) for name in os.listdir(killed_dir / "checkpoints") if name.startswith("step_"))
+        steps = checkpoint_steps(killed_dir)
         assert len(steps) <= 2 and steps[-1] >= 6  # --checkpoints_total_limit 2 (default)
         total = str(steps[-1] + 5)
 
