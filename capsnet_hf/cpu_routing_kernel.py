@@ -1,15 +1,16 @@
-"""Opt-in CPU inference kernel for the class capsules: votes and routing fused per example.
+"""Opt-in CPU kernel for the class capsules: votes and routing fused per example, forward and backward.
 
 `modeling_capsnet.py` computes the votes [B, J, I, K] with one batched matmul and routes them with batched torch
 ops: portable, differentiable and compilable, but on a CPU it writes the votes to memory and streams them
-2 x iterations - 1 times, which costs far more than their arithmetic (docs/performance.md).
-`csrc/capsule_routing.cpp` instead keeps a few examples' votes in a per-thread buffer and routes each example with
-one pass per iteration. `enable_cpu_routing_kernel(model)` builds it with the system C++ compiler on first use
-(about a second, cached under `default_cache_dir()`) and attaches it to every class-capsule layer; those layers then
-use it for float32 CPU forward passes without autograd, outside `torch.compile`, on `torch.get_num_threads()`
-OpenMP threads. Training, GPUs, other dtypes and compiled models keep the torch path. The results equal the torch
-path's to float32 rounding (tests/test_routing_reference.py). Needs a C++ compiler (g++ or clang++, or `CXX`);
-tested on Linux x86-64 with GCC 12.
+2 x iterations - 1 times (and autograd keeps them for the backward), which costs far more than their arithmetic
+(docs/performance.md). `csrc/capsule_routing.cpp` instead keeps a few examples' votes in a per-thread buffer and
+routes each example with one pass per iteration; its backward recomputes them rather than saving them.
+`enable_cpu_routing_kernel(model)` builds it with the system C++ compiler on first use (about a second, cached under
+`default_cache_dir()`) and attaches it to every class-capsule layer; those layers then use it for float32 CPU
+inputs, in inference and in training, outside `torch.compile`, on `torch.get_num_threads()` OpenMP threads. GPUs,
+other dtypes and compiled models keep the torch path. Outputs and gradients equal the torch path's to float32
+rounding (tests/test_routing_reference.py). Needs a C++ compiler (g++ or clang++, or `CXX`); tested on Linux x86-64
+with GCC 12. `capsnet-train --cpu_routing_kernel true` turns it on for training.
 
     model = AutoModelForImageClassification.from_pretrained(...)
     enable_cpu_routing_kernel(model.eval())
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -129,38 +131,36 @@ def load_kernel_library(cache_dir: str | None = None) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.capsnet_route.argtypes = [pointer] * 5 + [size] * 7 + [ctypes.c_int, ctypes.c_float, size, ctypes.c_int]
     library.capsnet_route.restype = None
+    library.capsnet_route_backward.argtypes = (
+        [pointer] * 11 + [size] * 7 + [ctypes.c_int, ctypes.c_float, ctypes.c_int, size, ctypes.c_int]
+    )
+    library.capsnet_route_backward.restype = None
     library.capsnet_lanes.restype = ctypes.c_int
     library.capsnet_threaded.restype = ctypes.c_int
     return library
 
 
 class CpuRoutingKernel:
-    """A class-capsule layer's `inference_kernel`: (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings
-    [B, J, I], as `CapsNetClassCapsules.forward`. Keeps the weight re-laid out for the kernel until it changes."""
+    """A class-capsule layer's `routing_kernel`: (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings
+    [B, J, I], as `CapsNetClassCapsules.forward`, differentiable w.r.t. the capsules, the weight and the bias.
+
+    The weight is re-laid out on every call (0.5 ms for the MNIST model's 1.5 M weights on 2 threads): a cached copy cannot
+    tell when the weight has changed, since in-place updates such as torch's fused Adam do not bump its version.
+    """
 
     def __init__(self, cache_dir: str | None = None):
         self.cache_dir = cache_dir
         self.lanes = load_kernel_library(cache_dir).capsnet_lanes()
-        self._packed_weight: torch.Tensor | None = None
-        self._packed_from: tuple | None = None
-        self._packed_storage = None  # held, so that no other weight can take its address while it is the key
-
-    def __getstate__(self) -> dict:  # copies and pickles rebuild the packed weight on their first call
-        return {**self.__dict__, "_packed_weight": None, "_packed_from": None, "_packed_storage": None}
 
     def packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W [I, J, K, A] -> [P / L, J, K, A, L]: L input capsules side by side, I padded to P with zeros."""
-        source = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        if self._packed_from != source:
-            num_inputs, num_classes, capsule_dim, input_dim = weight.shape
-            padded = -(-num_inputs // self.lanes) * self.lanes
-            packed = weight.detach().new_zeros(padded, num_classes, capsule_dim, input_dim)
-            packed[:num_inputs] = weight.detach()
-            packed = packed.view(padded // self.lanes, self.lanes, num_classes, capsule_dim, input_dim)
-            self._packed_weight = packed.permute(0, 2, 3, 4, 1).contiguous()
-            self._packed_from = source
-            self._packed_storage = weight.untyped_storage()
-        return self._packed_weight
+        num_inputs, num_classes, capsule_dim, input_dim = weight.shape
+        padded = -(-num_inputs // self.lanes) * self.lanes
+        weight = weight.detach()
+        if padded > num_inputs:
+            weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - num_inputs))
+        packed = weight.reshape(padded // self.lanes, self.lanes, num_classes, capsule_dim, input_dim)
+        return packed.permute(0, 2, 3, 4, 1).contiguous()
 
     def __call__(self, layer: nn.Module, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num_inputs, _, _, input_dim = layer.weight.shape
@@ -169,37 +169,99 @@ class CpuRoutingKernel:
                 f"primary capsules of shape {tuple(primary_capsules.shape)} do not fit this layer's weight "
                 f"{tuple(layer.weight.shape)}: expected (batch, {num_inputs}, {input_dim})"
             )
-        weight = self.packed_weight(layer.weight)
-        inputs = primary_capsules.contiguous()
-        bias = None if layer.bias is None else layer.bias.detach().contiguous()
-        batch_size = inputs.shape[0]
-        num_classes, capsule_dim = weight.shape[1], weight.shape[2]
-        threads = torch.get_num_threads()
-        poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
-        coupling = inputs.new_empty(batch_size, num_classes, num_inputs)
-        load_kernel_library(self.cache_dir).capsnet_route(
-            inputs.data_ptr(),
-            weight.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            poses.data_ptr(),
-            coupling.data_ptr(),
+        return _KernelRouting.apply(primary_capsules, layer.weight, layer.bias, self, layer)
+
+    def geometry(self, layer: nn.Module, batch_size: int) -> tuple:
+        """The sizes and settings both entry points take, in their order (batch ... epsilon)."""
+        num_inputs, num_classes, capsule_dim, input_dim = layer.weight.shape
+        padded = -(-num_inputs // self.lanes) * self.lanes
+        return (
             batch_size,
             num_inputs,
             input_dim,
             num_classes,
             capsule_dim,
-            weight.shape[0] * self.lanes,
+            padded,
             layer.routing_iterations,
             int(layer.leaky_routing),
             layer.epsilon,
-            min(EXAMPLES_PER_BLOCK, -(-batch_size // threads)) or 1,  # at least one block per thread if possible
+        )
+
+
+def _examples_per_block(batch_size: int, threads: int) -> int:
+    return min(EXAMPLES_PER_BLOCK, -(-batch_size // threads)) or 1  # at least one block per thread if possible
+
+
+class _KernelRouting(torch.autograd.Function):
+    """The kernel as an autograd op: the forward saves no votes; the backward recomputes them and the routing."""
+
+    @staticmethod
+    def forward(ctx, primary_capsules, weight, bias, kernel, layer):
+        inputs = primary_capsules.detach().contiguous()
+        packed_weight = kernel.packed_weight(weight)
+        bias = None if bias is None else bias.detach().contiguous()
+        geometry = kernel.geometry(layer, inputs.shape[0])
+        batch_size, _, _, num_classes, capsule_dim = geometry[:5]
+        threads = torch.get_num_threads()
+        poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
+        coupling = inputs.new_empty(batch_size, num_classes, inputs.shape[1])
+        load_kernel_library(kernel.cache_dir).capsnet_route(
+            inputs.data_ptr(),
+            packed_weight.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            poses.data_ptr(),
+            coupling.data_ptr(),
+            *geometry,
+            _examples_per_block(batch_size, threads),
             threads,
         )
+        # The weight itself only so that autograd refuses a backward after it was changed in place (version check).
+        ctx.save_for_backward(inputs, weight, bias)
+        ctx.packed_weight = packed_weight
+        ctx.kernel, ctx.geometry, ctx.detach_inner_votes = kernel, geometry, layer.detach_inner_votes
         return poses, coupling
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_poses, grad_coupling):
+        inputs, _, bias = ctx.saved_tensors
+        batch_size, num_inputs, input_dim, num_classes, capsule_dim, padded, iterations = ctx.geometry[:7]
+        lanes = ctx.kernel.lanes
+        # [B, I, A] -> [P / L, B, A, L]: input blocks of the packed weight, zero padded, block-major
+        packed_inputs = F.pad(inputs, (0, 0, 0, padded - num_inputs)).view(batch_size, padded // lanes, lanes, -1)
+        packed_inputs = packed_inputs.permute(1, 0, 3, 2).contiguous()
+        terms = 1 if ctx.detach_inner_votes else 2 * iterations - 1
+        left = inputs.new_empty(padded // lanes, batch_size, terms, num_classes, lanes)
+        right = inputs.new_empty(batch_size, terms, num_classes, capsule_dim)
+        grad_inputs = torch.empty_like(inputs)
+        grad_packed_weight = torch.empty_like(ctx.packed_weight)
+        grad_bias = inputs.new_empty(batch_size, num_classes, capsule_dim)
+        grad_poses, grad_coupling = grad_poses.contiguous(), grad_coupling.contiguous()  # alive during the call
+        threads = torch.get_num_threads()
+        load_kernel_library(ctx.kernel.cache_dir).capsnet_route_backward(
+            inputs.data_ptr(),
+            packed_inputs.data_ptr(),
+            ctx.packed_weight.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            grad_poses.data_ptr(),
+            grad_coupling.data_ptr(),
+            grad_inputs.data_ptr(),
+            grad_packed_weight.data_ptr(),
+            grad_bias.data_ptr(),
+            left.data_ptr(),
+            right.data_ptr(),
+            *ctx.geometry,
+            int(ctx.detach_inner_votes),
+            _examples_per_block(batch_size, threads),
+            threads,
+        )
+        # [P / L, J, K, A, L] -> [I, J, K, A]
+        grad_weight = grad_packed_weight.permute(0, 4, 1, 2, 3).reshape(padded, num_classes, capsule_dim, input_dim)
+        return grad_inputs, grad_weight[:num_inputs], None if bias is None else grad_bias.sum(0), None, None
 
 
 def _class_capsule_layers(model: nn.Module) -> list[nn.Module]:
-    layers = [module for module in model.modules() if hasattr(module, "inference_kernel")]
+    layers = [module for module in model.modules() if hasattr(module, "routing_kernel")]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no CapsNet class-capsule layer to attach the kernel to")
     return layers
@@ -212,12 +274,12 @@ def enable_cpu_routing_kernel(model: nn.Module, cache_dir: str | None = None) ->
     """
     layers = _class_capsule_layers(model)
     for layer in layers:
-        layer.inference_kernel = CpuRoutingKernel(cache_dir)
+        layer.routing_kernel = CpuRoutingKernel(cache_dir)
     return model
 
 
 def disable_cpu_routing_kernel(model: nn.Module) -> nn.Module:
     """Back to the torch formulation in every class-capsule layer of `model`; returns it."""
     for layer in _class_capsule_layers(model):
-        layer.inference_kernel = None
+        layer.routing_kernel = None
     return model

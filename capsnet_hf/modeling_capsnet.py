@@ -315,9 +315,9 @@ class CapsNetClassCapsules(nn.Module):
     (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, each chunk's votes
     and routing are recomputed in the backward pass instead of saved, so one chunk's votes are alive at a time.
 
-    `inference_kernel` (None by default) is a callable (layer, primary capsules) -> (poses, couplings) computing the
-    same thing without autograd; `capsnet_hf.enable_cpu_routing_kernel` sets a compiled CPU kernel here, which is
-    used only for float32 CPU inputs with gradients off and outside `torch.compile`.
+    `routing_kernel` (None by default) is a callable (layer, primary capsules) -> (poses, couplings) computing the
+    same thing, differentiable; `capsnet_hf.enable_cpu_routing_kernel` sets a compiled CPU kernel here, which is used
+    for float32 CPU inputs outside `torch.compile` (in training it saves no votes, like the memory saver).
     """
 
     votes_per_chunk = 2**22
@@ -326,7 +326,7 @@ class CapsNetClassCapsules(nn.Module):
     def __init__(self, config: CapsNetConfig):
         super().__init__()
         self.gradient_checkpointing = False
-        self.inference_kernel = None
+        self.routing_kernel = None
         self.num_classes = config.num_labels
         self.capsule_dim = config.capsule_dim
         self.routing_iterations = config.routing_iterations
@@ -366,13 +366,12 @@ class CapsNetClassCapsules(nn.Module):
     def forward(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]."""
         if (
-            self.inference_kernel is not None
-            and not torch.is_grad_enabled()
+            self.routing_kernel is not None
             and not torch.compiler.is_compiling()
             and primary_capsules.device.type == "cpu"
             and primary_capsules.dtype == self.weight.dtype == torch.float32
         ):
-            return self.inference_kernel(self, primary_capsules)
+            return self.routing_kernel(self, primary_capsules)
         votes_per_example = self.weight.shape[0] * self.num_classes * self.capsule_dim
         chunk_size = max(1, min(self.max_examples_per_chunk, self.votes_per_chunk // votes_per_example))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

@@ -102,7 +102,8 @@ def assert_close_dicts(actual: dict, expected: dict) -> None:
 
 
 def build(mode: str = "whole", **overrides) -> tuple[CapsNetModel, object]:
-    """mode: "whole" (one routing call), "chunked" (batch routed 2 + 2 + 1), "saver" (chunked, recomputed)."""
+    """mode: "whole" (one routing call), "chunked" (batch routed 2 + 2 + 1), "saver" (chunked, recomputed),
+    "kernel" (the opt-in C++ CPU kernel)."""
     torch.manual_seed(0)
     config = small_config(**overrides)
     model = CapsNetModel(config)
@@ -111,6 +112,8 @@ def build(mode: str = "whole", **overrides) -> tuple[CapsNetModel, object]:
         layer.votes_per_chunk = 2 * layer.weight.shape[0] * layer.weight.shape[1] * layer.weight.shape[2]
     if mode == "saver":
         model.activation_checkpointing_enable()
+    if mode == "kernel":
+        enable_cpu_routing_kernel(model)
     model.train()
     return model, config
 
@@ -118,7 +121,7 @@ def build(mode: str = "whole", **overrides) -> tuple[CapsNetModel, object]:
 PIXELS = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("mode", ["whole", "chunked", "saver"])
+@pytest.mark.parametrize("mode", ["whole", "chunked", "saver", "kernel"])
 @pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("leaky", [False, True], ids=["softmax", "leaky"])
 @pytest.mark.parametrize("padding", ["valid", "same"])
@@ -155,23 +158,26 @@ def test_inference_matches_reference(padding, leaky, mode):
 def test_cpu_routing_kernel_matches_reference(padding, leaky, iterations, routing_bias):
     """The opt-in C++ kernel; 17 px gives I = 50 (valid) or 162 (same), not multiples of its 8 lanes."""
     model, config = build(
-        "whole",
+        "kernel",
         image_size=17,
         padding=padding,
         leaky_routing=leaky,
         routing_iterations=iterations,
         routing_bias=routing_bias,
     )
-    enable_cpu_routing_kernel(model)
+    member = model.members[0]
     pixels = torch.rand(5, 1, 17, 17, generator=torch.Generator().manual_seed(4))
+    actual = outputs_and_gradients(model, model_forward(model), pixels)
+    expected = outputs_and_gradients(model, lambda x: reference_capsnet(member, config, x), pixels)
+    assert_close_dicts(actual[0], expected[0])
+    assert_close_dicts(actual[1], expected[1])
     names = ("poses", "coupling", "primary")
-    with torch.no_grad():
-        actual = dict(zip(names, model_forward(model)(pixels), strict=True))
-        expected = dict(zip(names, reference_capsnet(model.members[0], config, pixels), strict=True))
-    assert_close_dicts(actual, expected)
+    with torch.no_grad():  # inference: the same numbers without autograd
+        inferred = dict(zip(names, model_forward(model)(pixels), strict=True))
+    assert_close_dicts(inferred, actual[0])
 
 
-@pytest.mark.parametrize("mode", ["whole", "saver"])
+@pytest.mark.parametrize("mode", ["whole", "saver", "kernel"])
 @pytest.mark.parametrize("routing_bias", [True, False], ids=["bias", "no_bias"])
 def test_detached_inner_votes_and_no_bias_match_reference(routing_bias, mode):
     model, config = build(mode, detach_inner_votes=True, routing_bias=routing_bias, routing_iterations=3)

@@ -1,4 +1,4 @@
-// Class capsules for CPU inference: votes (Eq. 2) and routing-by-agreement (Procedure 1) in one pass per iteration.
+// Class capsules on the CPU: votes (Eq. 2) and routing-by-agreement (Procedure 1), forward and backward.
 //
 // Built and loaded by capsnet_hf/cpu_routing_kernel.py (plain C ABI through ctypes, no torch headers). The torch
 // formulation writes the votes of a batch to memory and streams them 2 x iterations - 1 times; here each thread
@@ -6,6 +6,11 @@
 // register, and then routes each example with one pass per iteration after the first: agreement with v_j,
 // softmax over the parents and the next weighted sum s_j, for 8 input capsules at a time. Float32 throughout;
 // results differ from the torch path by float rounding only (summation order, a polynomial exp).
+//
+// The backward (capsnet_route_backward) saves nothing from the forward: per example it recomputes the votes and the
+// routing (keeping every iteration's couplings), then walks the iterations back with one pass over the votes each,
+// and writes dL/du_hat as a sum of rank-one terms per parent (2T - 1 of them). A second parallel phase, over input
+// blocks instead of examples, turns those terms into dL/du and dL/dW, so that no thread needs its own copy of dL/dW.
 //
 // Layouts (L = 8 lanes, P = I rounded up to a multiple of L, padding capsules have zero votes):
 //   inputs    [B, I, A]          primary capsules u_i
@@ -70,12 +75,17 @@ struct Problem {
   const float* inputs;
   const float* weight;
   const float* bias;
-  float* poses;
-  float* coupling;
   int64_t batch, inputs_per_example, input_dim, parents, pose_dim, padded_inputs, iterations;
   bool leaky;
   float epsilon;
   int64_t examples_per_block;
+};
+
+// What routing one example leaves behind for its backward pass (per iteration t).
+struct RoutingRecord {
+  std::vector<float> couplings;       // [T, J, P]: c_t (t >= 1; t = 0 is uniform and not stored)
+  std::vector<float> preactivations;  // [T, J, K]: s_t with the bias
+  std::vector<float> poses;           // [T, J, K]: v_t
 };
 
 // Adds the bias to s (in place) and writes v = squash(s) (Eq. 1), for every parent.
@@ -89,6 +99,24 @@ void squash(const Problem& p, float* preactivation, float* poses) {
     }
     const float scale = squared_norm / ((1.0f + squared_norm) * std::sqrt(squared_norm + p.epsilon));
     for (int64_t k = 0; k < p.pose_dim; ++k) poses[j * p.pose_dim + k] = s[k] * scale;
+  }
+}
+
+// dL/ds from dL/dv through v = f(n) s, n = |s|^2, f(n) = n / ((1 + n) sqrt(n + eps)), for every parent:
+// dL/ds = f(n) dL/dv + 2 f'(n) (dL/dv . s) s with f'(n) = (1 / (1 + n) - n / (2 (n + eps))) / ((1 + n) sqrt(n + eps)).
+void squash_backward(const Problem& p, const float* preactivation, const float* grad_poses, float* grad_preactivation) {
+  for (int64_t j = 0; j < p.parents; ++j) {
+    const float* s = preactivation + j * p.pose_dim;
+    const float* g = grad_poses + j * p.pose_dim;
+    float squared_norm = 0.0f, radial = 0.0f;
+    for (int64_t k = 0; k < p.pose_dim; ++k) {
+      squared_norm += s[k] * s[k];
+      radial += g[k] * s[k];
+    }
+    const float inverse = 1.0f / ((1.0f + squared_norm) * std::sqrt(squared_norm + p.epsilon));
+    const float slope = inverse * (1.0f / (1.0f + squared_norm) - 0.5f * squared_norm / (squared_norm + p.epsilon));
+    for (int64_t k = 0; k < p.pose_dim; ++k)
+      grad_preactivation[j * p.pose_dim + k] = squared_norm * inverse * g[k] + 2.0f * slope * radial * s[k];
   }
 }
 
@@ -114,89 +142,309 @@ void capsule_votes(const float* weight, const float* u, int64_t input_dim, int64
   }
 }
 
-// Routes blocks first_block, first_block + stride, ... of examples_per_block examples each.
-void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
-  const int64_t I = p.inputs_per_example, A = p.input_dim, J = p.parents, K = p.pose_dim, JK = J * K;
-  const int64_t vectors = p.padded_inputs / kLanes, block = p.examples_per_block;
+// One thread's buffers: a block of examples' inputs [P / L, A, L] and votes [P / L, J, K, L], and one example's
+// routing state.
+struct Workspace {
+  explicit Workspace(const Problem& p)
+      : inputs(p.examples_per_block * p.input_dim * p.padded_inputs, 0.0f),
+        votes(new float[p.examples_per_block * p.parents * p.pose_dim * p.padded_inputs]),  // written before read
+        first_sums(p.examples_per_block * p.parents * p.pose_dim),
+        sums(p.parents * p.pose_dim),
+        broadcast_poses(p.parents * p.pose_dim),
+        couplings(p.parents),
+        logits(p.parents * p.padded_inputs),
+        preactivation(p.parents * p.pose_dim),
+        poses(p.parents * p.pose_dim) {}
+
+  const float* example_votes(const Problem& p, int64_t e) const {
+    return votes.get() + e * p.parents * p.pose_dim * p.padded_inputs;
+  }
+
+  std::vector<float> inputs;
+  std::unique_ptr<float[]> votes;
+  std::vector<Vec> first_sums, sums, broadcast_poses, couplings;
+  std::vector<float> logits, preactivation, poses;
+};
+
+// Votes u_hat[i, j, k] = sum_a W[i, j, k, a] u[i, a] (Eq. 2) of examples first .. first + count - 1 into the
+// workspace, and their sums over i (the first iteration's s_j without the 1/J); each weight vector serves the block.
+void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t count) {
+  const int64_t I = p.inputs_per_example, A = p.input_dim, JK = p.parents * p.pose_dim;
+  for (int64_t e = 0; e < count; ++e) {
+    const float* source = p.inputs + (first + e) * I * A;
+    float* target = ws.inputs.data() + e * A * p.padded_inputs;
+    for (int64_t i = 0; i < I; ++i)
+      for (int64_t a = 0; a < A; ++a) target[((i / kLanes) * A + a) * kLanes + i % kLanes] = source[i * A + a];
+  }
+  std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
+  for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
+    const float* weight = p.weight + v * JK * A * kLanes;
+    for (int64_t e = 0; e < count; ++e) {
+      const float* u = ws.inputs.data() + e * A * p.padded_inputs + v * A * kLanes;
+      float* out = ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
+      Vec* first_sum = ws.first_sums.data() + e * JK;
+      if (A == 8)
+        capsule_votes<8>(weight, u, A, JK, out, first_sum);
+      else
+        capsule_votes<0>(weight, u, A, JK, out, first_sum);
+    }
+  }
+}
+
+// Procedure 1 for example e of the workspace's block: poses v_j into ws.poses, the last couplings into coupling
+// [J, I] (if not null), and every iteration's c_t, s_t, v_t into record (if not null).
+void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, RoutingRecord* record) {
+  const int64_t I = p.inputs_per_example, J = p.parents, K = p.pose_dim, JK = J * K, P = p.padded_inputs;
   const float uniform = 1.0f / static_cast<float>(J + (p.leaky ? 1 : 0));
-  // Per example: inputs [P / L, A, L], votes [P / L, J, K, L], first weighted sum [J * K] (lanes not yet added).
-  std::vector<float> inputs(block * A * p.padded_inputs, 0.0f);
-  std::unique_ptr<float[]> votes(new float[block * JK * p.padded_inputs]);  // written before read: not zeroed
-  std::vector<Vec> first_sums(block * JK), sums(JK), broadcast_poses(JK), couplings(J);
-  std::vector<float> logits(J * p.padded_inputs), preactivation(JK), poses(JK);
+  const float* example_votes = ws.example_votes(p, e);
+  const auto keep = [&](int64_t iteration) {
+    if (!record) return;
+    std::memcpy(record->preactivations.data() + iteration * JK, ws.preactivation.data(), JK * sizeof(float));
+    std::memcpy(record->poses.data() + iteration * JK, ws.poses.data(), JK * sizeof(float));
+  };
+  // First iteration: zero logits, uniform couplings 1/J (1/(J + 1) with the leak).
+  for (int64_t jk = 0; jk < JK; ++jk) ws.preactivation[jk] = lane_sum(ws.first_sums[e * JK + jk]) * uniform;
+  squash(p, ws.preactivation.data(), ws.poses.data());
+  keep(0);
+  if (p.iterations == 1 && coupling) std::fill(coupling, coupling + J * I, uniform);
+  for (int64_t iteration = 1; iteration < p.iterations; ++iteration) {
+    const bool last = iteration == p.iterations - 1;
+    float* kept_couplings = record ? record->couplings.data() + iteration * J * P : nullptr;
+    for (int64_t jk = 0; jk < JK; ++jk) {
+      ws.broadcast_poses[jk] = broadcast(ws.poses[jk]);
+      ws.sums[jk] = Vec{};
+    }
+    for (int64_t v = 0; v < P / kLanes; ++v) {
+      const float* block_votes = example_votes + v * JK * kLanes;
+      // b_ij += u_hat_{j|i} . v_j, then Eq. 3 over the parents (with the leak: a parent with logit 0).
+      Vec maximum = p.leaky ? Vec{} : broadcast(-INFINITY);
+      for (int64_t j = 0; j < J; ++j) {
+        const float* vote = block_votes + j * K * kLanes;
+        Vec agreement = load(vote) * ws.broadcast_poses[j * K];
+        for (int64_t k = 1; k < K; ++k) agreement += load(vote + k * kLanes) * ws.broadcast_poses[j * K + k];
+        float* logit = ws.logits.data() + j * P + v * kLanes;
+        const Vec updated = iteration == 1 ? agreement : load(logit) + agreement;
+        store(logit, updated);
+        ws.couplings[j] = updated;
+        maximum = updated > maximum ? updated : maximum;
+      }
+      Vec total = p.leaky ? exp_nonpositive(-maximum) : Vec{};
+      for (int64_t j = 0; j < J; ++j) {
+        ws.couplings[j] = exp_nonpositive(ws.couplings[j] - maximum);
+        total += ws.couplings[j];
+      }
+      const Vec inverse = 1.0f / total;
+      // s_j += c_ij u_hat_{j|i} (Eq. 2)
+      for (int64_t j = 0; j < J; ++j) {
+        const Vec c = ws.couplings[j] * inverse;
+        const float* vote = block_votes + j * K * kLanes;
+        for (int64_t k = 0; k < K; ++k) ws.sums[j * K + k] += c * load(vote + k * kLanes);
+        if (kept_couplings) store(kept_couplings + j * P + v * kLanes, c);
+        if (last && coupling) {
+          const int64_t lanes = std::min(kLanes, I - v * kLanes);
+          for (int64_t lane = 0; lane < lanes; ++lane) coupling[j * I + v * kLanes + lane] = c[lane];
+        }
+      }
+    }
+    for (int64_t jk = 0; jk < JK; ++jk) ws.preactivation[jk] = lane_sum(ws.sums[jk]);
+    squash(p, ws.preactivation.data(), ws.poses.data());
+    keep(iteration);
+  }
+}
+
+// Routes blocks first_block, first_block + stride, ... of examples_per_block examples each.
+void route_blocks(const Problem& p, float* poses, float* coupling, int64_t first_block, int64_t stride) {
+  const int64_t J = p.parents, JK = J * p.pose_dim, block = p.examples_per_block;
+  Workspace ws(p);
   const int64_t num_blocks = (p.batch + block - 1) / block;
   for (int64_t block_index = first_block; block_index < num_blocks; block_index += stride) {
     const int64_t first = block_index * block, count = std::min(block, p.batch - first);
+    compute_block_votes(p, ws, first, count);
     for (int64_t e = 0; e < count; ++e) {
-      const float* source = p.inputs + (first + e) * I * A;
-      float* target = inputs.data() + e * A * p.padded_inputs;
-      for (int64_t i = 0; i < I; ++i)
-        for (int64_t a = 0; a < A; ++a) target[((i / kLanes) * A + a) * kLanes + i % kLanes] = source[i * A + a];
-    }
-    // Votes u_hat[i, j, k] = sum_a W[i, j, k, a] u[i, a] (Eq. 2); each weight vector serves the whole block.
-    std::fill(first_sums.begin(), first_sums.end(), Vec{});
-    for (int64_t v = 0; v < vectors; ++v) {
-      const float* weight = p.weight + v * JK * A * kLanes;
-      for (int64_t e = 0; e < count; ++e) {
-        const float* u = inputs.data() + e * A * p.padded_inputs + v * A * kLanes;
-        float* out = votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
-        Vec* first_sum = first_sums.data() + e * JK;
-        if (A == 8)
-          capsule_votes<8>(weight, u, A, JK, out, first_sum);
-        else
-          capsule_votes<0>(weight, u, A, JK, out, first_sum);
-      }
-    }
-    for (int64_t e = 0; e < count; ++e) {
-      const float* example_votes = votes.get() + e * JK * p.padded_inputs;
-      float* coupling = p.coupling + (first + e) * J * I;
-      // First iteration: zero logits, uniform couplings 1/J (1/(J + 1) with the leak).
-      for (int64_t jk = 0; jk < JK; ++jk) preactivation[jk] = lane_sum(first_sums[e * JK + jk]) * uniform;
-      squash(p, preactivation.data(), poses.data());
-      if (p.iterations == 1) std::fill(coupling, coupling + J * I, uniform);
-      for (int64_t iteration = 1; iteration < p.iterations; ++iteration) {
-        const bool last = iteration == p.iterations - 1;
-        for (int64_t jk = 0; jk < JK; ++jk) {
-          broadcast_poses[jk] = broadcast(poses[jk]);
-          sums[jk] = Vec{};
-        }
-        for (int64_t v = 0; v < vectors; ++v) {
-          const float* block_votes = example_votes + v * JK * kLanes;
-          // b_ij += u_hat_{j|i} . v_j, then Eq. 3 over the parents (with the leak: a parent with logit 0).
-          Vec maximum = p.leaky ? Vec{} : broadcast(-INFINITY);
-          for (int64_t j = 0; j < J; ++j) {
-            const float* vote = block_votes + j * K * kLanes;
-            Vec agreement = load(vote) * broadcast_poses[j * K];
-            for (int64_t k = 1; k < K; ++k) agreement += load(vote + k * kLanes) * broadcast_poses[j * K + k];
-            float* logit = logits.data() + j * p.padded_inputs + v * kLanes;
-            const Vec updated = iteration == 1 ? agreement : load(logit) + agreement;
-            store(logit, updated);
-            couplings[j] = updated;
-            maximum = updated > maximum ? updated : maximum;
-          }
-          Vec total = p.leaky ? exp_nonpositive(-maximum) : Vec{};
-          for (int64_t j = 0; j < J; ++j) {
-            couplings[j] = exp_nonpositive(couplings[j] - maximum);
-            total += couplings[j];
-          }
-          const Vec inverse = 1.0f / total;
-          // s_j += c_ij u_hat_{j|i} (Eq. 2)
-          for (int64_t j = 0; j < J; ++j) {
-            const Vec c = couplings[j] * inverse;
-            const float* vote = block_votes + j * K * kLanes;
-            for (int64_t k = 0; k < K; ++k) sums[j * K + k] += c * load(vote + k * kLanes);
-            if (last) {
-              const int64_t lanes = std::min(kLanes, I - v * kLanes);
-              for (int64_t lane = 0; lane < lanes; ++lane) coupling[j * I + v * kLanes + lane] = c[lane];
-            }
-          }
-        }
-        for (int64_t jk = 0; jk < JK; ++jk) preactivation[jk] = lane_sum(sums[jk]);
-        squash(p, preactivation.data(), poses.data());
-      }
-      std::memcpy(p.poses + (first + e) * JK, poses.data(), JK * sizeof(float));
+      route_example(p, ws, e, coupling + (first + e) * J * p.inputs_per_example, nullptr);
+      std::memcpy(poses + (first + e) * JK, ws.poses.data(), JK * sizeof(float));
     }
   }
+}
+
+// The backward pass's arrays. dL/du_hat[b, j, i, :] = sum_r left[b, r, j, i] right[b, r, j, :] (rank one per term
+// and parent: c_t with dL/ds_t, and the accumulated dL/dlogits with v_(t-1)); the votes are never written out.
+struct Backward {
+  const float* grad_poses;     // [B, J, K]
+  const float* grad_coupling;  // [B, J, I] or null
+  bool detach_inner_votes;
+  int64_t terms;               // 2T - 1, or 1 with detach_inner_votes
+  float* left;                 // [P / L, B, terms, J, L]: input-block major, read block by block
+  float* right;                // [B, terms, J, K]
+  float* grad_bias;            // [B, J, K]: each example's sum over the iterations of dL/ds_t
+};
+
+// Backward of Procedure 1 for example e of the workspace's block (b in the batch), given its routing record: the
+// left/right factors of dL/du_hat and dL/dbias. One pass over the votes per iteration after the first: dL/dc,
+// softmax backward, and dL/dv_(t-1) = sum_i dL/dlogits u_hat.
+void backprop_example(const Problem& p, const Backward& g, Workspace& ws, int64_t e, int64_t b,
+                      const RoutingRecord& record, std::vector<float>& grad_poses,
+                      std::vector<float>& grad_preactivation, std::vector<float>& grad_logits) {
+  const int64_t I = p.inputs_per_example, J = p.parents, K = p.pose_dim, JK = J * K, P = p.padded_inputs;
+  const float uniform = 1.0f / static_cast<float>(J + (p.leaky ? 1 : 0));
+  const float* example_votes = ws.example_votes(p, e);
+  const int64_t vectors = P / kLanes, left_stride = p.batch * g.terms * J * kLanes;  // from one input block to the next
+  float* left = g.left + b * g.terms * J * kLanes;
+  float* right = g.right + b * g.terms * JK;
+  float* grad_bias = g.grad_bias + b * JK;
+  std::memcpy(grad_poses.data(), g.grad_poses + b * JK, JK * sizeof(float));
+  std::fill(grad_bias, grad_bias + JK, 0.0f);
+  std::fill(grad_logits.begin(), grad_logits.end(), 0.0f);
+  int64_t term = 0;
+  const auto add_term = [&](const float* left_factor, float left_constant, const float* right_factor) {
+    for (int64_t v = 0; v < vectors; ++v)
+      for (int64_t j = 0; j < J; ++j) {
+        const Vec factor = left_factor ? load(left_factor + j * P + v * kLanes) : broadcast(left_constant);
+        store(left + v * left_stride + (term * J + j) * kLanes, factor);
+      }
+    std::memcpy(right + term * JK, right_factor, JK * sizeof(float));
+    ++term;
+  };
+  for (int64_t iteration = p.iterations - 1; iteration >= 0; --iteration) {
+    const bool last = iteration == p.iterations - 1;
+    squash_backward(p, record.preactivations.data() + iteration * JK, grad_poses.data(), grad_preactivation.data());
+    for (int64_t jk = 0; jk < JK; ++jk) grad_bias[jk] += grad_preactivation[jk];
+    const float* coupling = iteration > 0 ? record.couplings.data() + iteration * J * P : nullptr;
+    if (last || !g.detach_inner_votes) add_term(coupling, uniform, grad_preactivation.data());
+    if (iteration == 0) break;  // the first couplings come from constant zero logits
+    for (int64_t jk = 0; jk < JK; ++jk) {
+      ws.broadcast_poses[jk] = broadcast(grad_preactivation[jk]);
+      ws.sums[jk] = Vec{};
+    }
+    const float* grad_coupling = last && g.grad_coupling ? g.grad_coupling + b * J * I : nullptr;
+    for (int64_t v = 0; v < vectors; ++v) {
+      const float* block_votes = example_votes + v * JK * kLanes;
+      // dL/dc_ij = u_hat_{j|i} . dL/ds_j (+ the couplings' own gradient in the last iteration)
+      Vec weighted{};  // sum_j c_ij dL/dc_ij
+      for (int64_t j = 0; j < J; ++j) {
+        const float* vote = block_votes + j * K * kLanes;
+        Vec grad_c = load(vote) * ws.broadcast_poses[j * K];
+        for (int64_t k = 1; k < K; ++k) grad_c += load(vote + k * kLanes) * ws.broadcast_poses[j * K + k];
+        if (grad_coupling) {
+          const int64_t lanes = std::min(kLanes, I - v * kLanes);
+          for (int64_t lane = 0; lane < lanes; ++lane) grad_c[lane] += grad_coupling[j * I + v * kLanes + lane];
+        }
+        ws.couplings[j] = grad_c;
+        weighted += load(coupling + j * P + v * kLanes) * grad_c;
+      }
+      // Softmax backward over the parents (the leak's share gets no gradient, so the same form holds), added to
+      // the logits' gradient: the logits of iteration t hold u_hat . v_s for every s < t.
+      for (int64_t j = 0; j < J; ++j) {
+        float* grad_logit = grad_logits.data() + j * P + v * kLanes;
+        const Vec updated = load(grad_logit) + load(coupling + j * P + v * kLanes) * (ws.couplings[j] - weighted);
+        store(grad_logit, updated);
+        const float* vote = block_votes + j * K * kLanes;
+        for (int64_t k = 0; k < K; ++k) ws.sums[j * K + k] += updated * load(vote + k * kLanes);
+      }
+    }
+    // dL/dv_(t-1) = sum_i dL/dlogits_ij u_hat_{j|i}: v_(t-1) enters every later iteration's logits.
+    for (int64_t jk = 0; jk < JK; ++jk) grad_poses[jk] = lane_sum(ws.sums[jk]);
+    if (!g.detach_inner_votes) add_term(grad_logits.data(), 0.0f, record.poses.data() + (iteration - 1) * JK);
+  }
+}
+
+// Recomputes the votes and routing of blocks first_block, first_block + stride, ... and backpropagates through them.
+void backprop_blocks(const Problem& p, const Backward& g, int64_t first_block, int64_t stride) {
+  const int64_t J = p.parents, JK = J * p.pose_dim, P = p.padded_inputs, block = p.examples_per_block;
+  Workspace ws(p);
+  RoutingRecord record{std::vector<float>(p.iterations * J * P), std::vector<float>(p.iterations * JK),
+                       std::vector<float>(p.iterations * JK)};
+  std::vector<float> grad_poses(JK), grad_preactivation(JK), grad_logits(J * P);
+  const int64_t num_blocks = (p.batch + block - 1) / block;
+  for (int64_t block_index = first_block; block_index < num_blocks; block_index += stride) {
+    const int64_t first = block_index * block, count = std::min(block, p.batch - first);
+    compute_block_votes(p, ws, first, count);
+    for (int64_t e = 0; e < count; ++e) {
+      route_example(p, ws, e, nullptr, &record);
+      backprop_example(p, g, ws, e, first + e, record, grad_poses, grad_preactivation, grad_logits);
+    }
+  }
+}
+
+// dL/du and dL/dW of input block v (kLanes input capsules) from the factors of dL/du_hat: with gv[b, j, k] =
+// dL/du_hat[b, j, i, k], dL/du[b, i, a] = sum_jk W[i, j, k, a] gv[b, j, k] and dL/dW[i, j, k, a] = sum_b gv[b, j, k]
+// u[b, i, a]. packed_inputs [P / L, B, A, L]; grad_weight in the packed weight's layout; grad_inputs [B, I, A].
+// left [terms], grad_vote [B, K] and grad_u [B, A] are scratch. kInputDim as in capsule_votes.
+template <int64_t kInputDim>
+void block_input_and_weight_gradients(const Problem& p, const Backward& g, const float* packed_inputs, int64_t v,
+                                      float* grad_weight, float* grad_inputs, Vec* left, Vec* grad_vote,
+                                      Vec* grad_u) {
+  const int64_t B = p.batch, I = p.inputs_per_example, J = p.parents, K = p.pose_dim;
+  const int64_t A = kInputDim > 0 ? kInputDim : p.input_dim, R = g.terms;
+  // Accumulators over a: all A of them with kInputDim > 0 (in registers), else one at a time.
+  constexpr int64_t width = kInputDim > 0 ? kInputDim : 1;
+  Vec total[width];
+  std::fill(grad_u, grad_u + B * A, Vec{});
+  for (int64_t j = 0; j < J; ++j) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t r = 0; r < R; ++r) left[r] = load(g.left + (((v * B + b) * R + r) * J + j) * kLanes);
+      const float* right = g.right + (b * R * J + j) * K;  // term r at right + r * J * K
+      for (int64_t k = 0; k < K; ++k) {  // independent chains over k: no accumulator waits for the previous FMA
+        Vec total = left[0] * right[k];
+        for (int64_t r = 1; r < R; ++r) total += left[r] * right[r * J * K + k];
+        grad_vote[b * K + k] = total;
+      }
+    }
+    const float* weight = p.weight + (v * J + j) * K * A * kLanes;
+    float* target = grad_weight + (v * J + j) * K * A * kLanes;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t a = 0; a < A; a += width) {
+        for (int64_t w = 0; w < width; ++w) total[w] = Vec{};
+        for (int64_t b = 0; b < B; ++b) {
+          const Vec gv = grad_vote[b * K + k];
+          const float* u = packed_inputs + ((v * B + b) * A + a) * kLanes;
+          for (int64_t w = 0; w < width; ++w) total[w] += gv * load(u + w * kLanes);
+        }
+        for (int64_t w = 0; w < width; ++w) store(target + (k * A + a + w) * kLanes, total[w]);
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      Vec* target_u = grad_u + b * A;
+      for (int64_t a = 0; a < A; a += width) {
+        for (int64_t w = 0; w < width; ++w) total[w] = Vec{};
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec gv = grad_vote[b * K + k];
+          for (int64_t w = 0; w < width; ++w) total[w] += load(weight + (k * A + a + w) * kLanes) * gv;
+        }
+        for (int64_t w = 0; w < width; ++w) target_u[a + w] += total[w];
+      }
+    }
+  }
+  const int64_t lanes = std::min(kLanes, I - v * kLanes);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t lane = 0; lane < lanes; ++lane) grad_inputs[(b * I + v * kLanes + lane) * A + a] = grad_u[b * A + a][lane];
+}
+
+// Input blocks first_vector, first_vector + stride, ... of block_input_and_weight_gradients.
+void input_and_weight_gradients(const Problem& p, const Backward& g, const float* packed_inputs, float* grad_weight,
+                                float* grad_inputs, int64_t first_vector, int64_t stride) {
+  std::vector<Vec> left(g.terms), grad_vote(p.batch * p.pose_dim), grad_u(p.batch * p.input_dim);
+  for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
+    if (p.input_dim == 8)
+      block_input_and_weight_gradients<8>(p, g, packed_inputs, v, grad_weight, grad_inputs, left.data(),
+                                          grad_vote.data(), grad_u.data());
+    else
+      block_input_and_weight_gradients<0>(p, g, packed_inputs, v, grad_weight, grad_inputs, left.data(),
+                                          grad_vote.data(), grad_u.data());
+  }
+}
+
+template <typename Body>
+void run_parallel(int threads, Body body) {
+#ifdef _OPENMP
+  // Built with -fopenmp, this shares the process's OpenMP runtime (torch's libgomp on Linux) and its threads.
+#pragma omp parallel num_threads(threads)
+  body(omp_get_thread_num(), omp_get_num_threads());
+#else
+  (void)threads;
+  body(0, 1);
+#endif
 }
 
 }  // namespace
@@ -215,15 +463,28 @@ extern "C" void capsnet_route(const float* inputs, const float* weight, const fl
                               float* coupling, int64_t batch, int64_t inputs_per_example, int64_t input_dim,
                               int64_t parents, int64_t pose_dim, int64_t padded_inputs, int64_t iterations,
                               int leaky, float epsilon, int64_t examples_per_block, int threads) {
-  const Problem problem{inputs,    weight,     bias,          poses,         coupling,   batch,
-                        inputs_per_example, input_dim, parents, pose_dim, padded_inputs, iterations,
-                        leaky != 0, epsilon, examples_per_block};
-#ifdef _OPENMP
-  // Built with -fopenmp, this shares the process's OpenMP runtime (torch's libgomp on Linux) and its threads.
-#pragma omp parallel num_threads(threads)
-  route_blocks(problem, omp_get_thread_num(), omp_get_num_threads());
-#else
-  (void)threads;
-  route_blocks(problem, 0, 1);
-#endif
+  const Problem problem{inputs,  weight,   bias,          batch,      inputs_per_example, input_dim,
+                        parents, pose_dim, padded_inputs, iterations, leaky != 0,         epsilon,
+                        examples_per_block};
+  run_parallel(threads, [&](int thread, int count) { route_blocks(problem, poses, coupling, thread, count); });
+}
+
+// Gradients of capsnet_route's poses and couplings w.r.t. inputs, weight (packed layout) and bias (per example).
+// Recomputes the votes and routing; left and right ([P / L, B, terms, J, L] and [B, terms, J, K]) are scratch space.
+extern "C" void capsnet_route_backward(const float* inputs, const float* packed_inputs, const float* weight,
+                                       const float* bias, const float* grad_poses, const float* grad_coupling,
+                                       float* grad_inputs, float* grad_weight, float* grad_bias, float* left,
+                                       float* right, int64_t batch, int64_t inputs_per_example, int64_t input_dim,
+                                       int64_t parents, int64_t pose_dim, int64_t padded_inputs, int64_t iterations,
+                                       int leaky, float epsilon, int detach_inner_votes, int64_t examples_per_block,
+                                       int threads) {
+  const Problem problem{inputs,  weight,   bias,          batch,      inputs_per_example, input_dim,
+                        parents, pose_dim, padded_inputs, iterations, leaky != 0,         epsilon,
+                        examples_per_block};
+  const int64_t terms = detach_inner_votes ? 1 : 2 * iterations - 1;
+  const Backward backward{grad_poses, grad_coupling, detach_inner_votes != 0, terms, left, right, grad_bias};
+  run_parallel(threads, [&](int thread, int count) { backprop_blocks(problem, backward, thread, count); });
+  run_parallel(threads, [&](int thread, int count) {
+    input_and_weight_gradients(problem, backward, packed_inputs, grad_weight, grad_inputs, thread, count);
+  });
 }
