@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min_learning_rate", type=float, default=1e-6)
     add("--seed", type=int, default=42)
     add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's config")
+    add(
+        "--cpu_routing_kernel",
+        type=_bool,
+        default=False,
+        help="on CPU, route with the compiled C++ kernel (capsnet_hf.enable_cpu_routing_kernel; needs a C++ compiler)",
+    )
     # Output, checkpoints, logging.
     add("--output_dir", required=True)
     add("--overwrite_output_dir", action="store_true", help="replace a different model already in --output_dir")
@@ -184,6 +190,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.image_size = args.image_size * 2
         if len(args.image_size) != 2:
             parser.error(f"--image_size takes height [width], got {args.image_size}")
+    if args.cpu_routing_kernel and args.model_type != "capsnet":
+        parser.error(f"--cpu_routing_kernel applies to CapsNet models, not --model_type {args.model_type}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id org/name")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -362,6 +370,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .baseline_cnn import BaselineCNNForImageClassification
+    from .cpu_routing_kernel import KernelBuildError, enable_cpu_routing_kernel
     from .evaluate import classification_metrics, collect_scores
     from .image_processing_capsnet import CapsNetImageProcessor
     from .modeling_capsnet import CapsNetForImageClassification
@@ -446,6 +455,13 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = model_class.from_pretrained(args.model_name_or_path, config=config)
     else:
         model = model_class(config)
+    if args.cpu_routing_kernel:
+        try:
+            enable_cpu_routing_kernel(model)
+        except KernelBuildError as error:
+            raise UsageError(f"--cpu_routing_kernel: {error}") from error
+        if device.type != "cpu":
+            accelerator.print(f"--cpu_routing_kernel has no effect on {device}: the kernel runs on CPU only")
     processor = CapsNetImageProcessor.from_model_config(
         config,
         resize_mode="crop_or_pad" if args.augmentation == "cifar" else args.resize_mode,

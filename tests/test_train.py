@@ -268,6 +268,39 @@ def test_bad_input_fails_before_training(tmp_path, case, message):
         assert not output_dir.exists()  # nothing written
 
 
+def test_cpu_routing_kernel_trains_like_the_torch_path(tmp_path, tiny_dataset, monkeypatch):
+    from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel
+
+    calls = []
+    original = CpuRoutingKernel.__call__
+    monkeypatch.setattr(CpuRoutingKernel, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    weights = []
+    for name, flag in (("torch", "false"), ("kernel", "true")):
+        train(tiny_args(tiny_dataset, tmp_path / name, "--max_train_steps", "3", "--cpu_routing_kernel", flag))
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    assert len(calls) >= 3  # every training step (and the evaluation) of the second run
+    for name, expected in weights[0].items():
+        torch.testing.assert_close(weights[1][name], expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cpu_routing_kernel_without_compiler_or_for_the_baseline_is_refused(tmp_path, tiny_dataset, monkeypatch):
+    from capsnet_hf.cpu_routing_kernel import load_kernel_library
+
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_name", "x", "--output_dir", "y", "--model_type", "baseline_cnn",
+                    "--cpu_routing_kernel", "true"])  # fmt: skip
+    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
+    load_kernel_library.cache_clear()
+    output_dir = tmp_path / "out"
+    try:
+        with pytest.raises(UsageError, match="--cpu_routing_kernel: .*needs a C\\+\\+ compiler"):
+            train(tiny_args(tiny_dataset, output_dir, "--max_train_steps", "1", "--cpu_routing_kernel", "true"))
+    finally:
+        load_kernel_library.cache_clear()
+    assert not output_dir.exists()
+
+
 def test_multimnist_two_hot_training_with_accumulation_and_bf16(tmp_path):
     """The generated MultiMNIST set (two-hot labels, per-digit reconstruction targets) goes through the same loop."""
     source = SHARED_DATASETS / "mnist"
