@@ -13,8 +13,8 @@ state, and a fixed order would always give each variant the same predecessor):
   fused Adam on CPU and CUDA);
 - ``train_plain_adam`` (with ``--plain-adam``): the same step with ``torch.optim.Adam``'s default implementation;
 - ``train_saver``: the same step with the memory saver on (``model.activation_checkpointing_enable()``);
-- with ``--cpu-routing-kernel``: ``infer_kernel``, ``infer`` with the opt-in CPU routing kernel
-  (``capsnet_hf.enable_cpu_routing_kernel``; it is built before the timings);
+- with ``--cpu-routing-kernel``: ``infer_kernel`` / ``train_kernel``, ``infer`` / ``train`` with the opt-in CPU
+  routing kernel (``capsnet_hf.enable_cpu_routing_kernel``; it is built before the timings);
 - with ``--compile``: ``infer_compiled`` / ``train_compiled`` with ``torch.compile(model, fullgraph=True)`` (the
   compile time of the first call is reported apart).
 
@@ -204,6 +204,7 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
                 kernel_model.capsnet(pixels)
 
         functions["infer_kernel"] = infer_kernel
+        functions["train_kernel"] = make_train_step(kernel_model, kernel_model, pixels, labels)
     if args.plain_adam:
         plain_model = build_model(config, device, state, memory_saver=False)
         functions["train_plain_adam"] = make_train_step(plain_model, plain_model, pixels, labels, plain_adam=True)
@@ -310,6 +311,7 @@ def print_table(results: list[dict]) -> None:
         "infer_compiled",
         "conv_fwd_bwd",
         "train",
+        "train_kernel",
         "train_plain_adam",
         "train_compiled",
     ]
@@ -386,7 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plain-adam", action="store_true", help="also time the train step with the default torch.optim.Adam"
     )
     parser.add_argument(
-        "--cpu-routing-kernel", action="store_true", help="also time inference with the opt-in CPU routing kernel"
+        "--cpu-routing-kernel",
+        action="store_true",
+        help="also time inference and training with the opt-in CPU routing kernel",
     )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)

@@ -38,10 +38,19 @@ def test_one_small_case_writes_every_timing_and_memory(bench, tmp_path, capsys):
     argv = ["--threads", "1", "--batch-size", "2", "--image-size", "28", "--repeats", "1", "--warmup", "0"]
     assert bench.main([*argv, "--plain-adam", "--cpu-routing-kernel", "--memory", "--json", str(output)]) == 0
     result = json.loads(output.read_text())["results"][0]
-    timed = {"conv_fwd", "conv_fwd_bwd", "infer", "infer_kernel", "train", "train_plain_adam", "train_saver"}
+    timed = {
+        "conv_fwd",
+        "conv_fwd_bwd",
+        "infer",
+        "infer_kernel",
+        "train",
+        "train_kernel",
+        "train_plain_adam",
+        "train_saver",
+    }
     assert set(result["times"]) == timed
     assert all(t["median_ms"] > 0 for t in result["times"].values())
-    for name in ("infer", "infer_kernel", "train", "train_plain_adam", "train_saver"):
+    for name in ("infer", "infer_kernel", "train", "train_kernel", "train_plain_adam", "train_saver"):
         assert result["ratio_to_conv_bound"][name]["median"] > 0
     assert result["memory"]["train"]["peak_mib"] > 0 and result["memory"]["train_saver"]["peak_mib"] > 0
     assert "train_plain_adam" in capsys.readouterr().out
