@@ -196,6 +196,7 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         "infer": infer,
         "train": make_train_step(model, model, pixels, labels),
     }
+    kernel_model = None
     if args.cpu_routing_kernel:
         kernel_model = enable_cpu_routing_kernel(build_model(config, device, state, memory_saver=False))
 
@@ -259,6 +260,7 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         del functions
         memory = {}
         variants = [("train", model)] + ([] if saver is None else [("train_saver", saver)])
+        variants += [] if kernel_model is None else [("train_kernel", kernel_model)]
         for name, variant in variants:
             step = make_train_step(variant, variant, pixels, labels)
             step()  # gradients and Adam state exist before the measured step, as in training
@@ -320,7 +322,12 @@ def print_table(results: list[dict]) -> None:
     header = f"{'px':>4} {'B':>4} {'I':>6} |" + "".join(
         f" {name:>16}" if name.startswith("conv") else f" {name:>16} {'x':>5}" for name in present
     )
-    header += f" | {'peak MiB':>9} {'saver MiB':>9} {'saved MiB':>9}"
+    # Memory: the plain step's peak, the saver's and the kernel's peaks, and the plain step's saved bytes.
+    peaks = [
+        name for name in ("train", "train_saver", "train_kernel") if any(name in r.get("memory", {}) for r in results)
+    ]
+    peak_titles = {"train": "peak MiB", "train_saver": "saver MiB", "train_kernel": "kernel MiB"}
+    header += " |" + "".join(f" {peak_titles[name]:>10}" for name in peaks or ["train"]) + f" {'saved MiB':>10}"
     print(header)
     print("-" * len(header))
     for r in results:
@@ -332,16 +339,14 @@ def print_table(results: list[dict]) -> None:
                 ratio = r["ratio_to_conv_bound"].get(name, {}).get("median")
                 line += f" {ratio:5.2f}" if ratio is not None else f" {'-':>5}"
         memory = r.get("memory", {})
-        for value in (
-            memory.get("train", {}).get("peak_mib"),
-            memory.get("train_saver", {}).get("peak_mib"),
-            memory.get("train", {}).get("saved_for_backward_mib"),
-        ):
-            line += f" {value:9.1f}" if value is not None else f" {'-':>9}"
+        values = [memory.get(name, {}).get("peak_mib") for name in peaks or ["train"]]
+        for value in [*values, memory.get("train", {}).get("saved_for_backward_mib")]:
+            line += f" {value:10.1f}" if value is not None else f" {'-':>10}"
         print(line)
     print("times: median ms over the rounds; x: ratio of medians to the conv-only bound (conv_fwd for inference,")
-    print("conv_fwd_bwd for training); peak: tensor memory allocated during one training step above what was live")
-    print("before it; saved: bytes saved for backward by the plain step.")
+    print("conv_fwd_bwd for training); peak / saver / kernel: tensor memory allocated during one training step above")
+    print("what was live before it (plain, memory saver, CPU routing kernel); saved: bytes saved for backward by the")
+    print("plain step.")
     timed = [r for r in results if r["ratio_to_conv_bound"]]
     if timed:
         print("\nratio of median process CPU times (user + system) to the conv-only bound's:")
