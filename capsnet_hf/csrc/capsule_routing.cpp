@@ -267,8 +267,8 @@ void route_blocks(const Problem& p, float* poses, float* coupling, int64_t first
   }
 }
 
-// The backward pass's arrays. dL/du_hat[b, j, i, :] = sum_r left[b, r, j, i] right[b, r, j, :] (rank one per term
-// and parent: c_t with dL/ds_t, and the accumulated dL/dlogits with v_(t-1)); the votes are never written out.
+// The backward pass's arrays. dL/du_hat[b, j, i, :] = sum_r L_r[b, j, i] R_r[b, j, :] (rank one per term and parent:
+// L = c_t with R = dL/ds_t, and L = the accumulated dL/dlogits with R = v_(t-1)); the votes are never written out.
 struct Backward {
   const float* grad_poses;     // [B, J, K]
   const float* grad_coupling;  // [B, J, I] or null
@@ -312,6 +312,7 @@ void backprop_example(const Problem& p, const Backward& g, Workspace& ws, int64_
     const float* coupling = iteration > 0 ? record.couplings.data() + iteration * J * P : nullptr;
     if (last || !g.detach_inner_votes) add_term(coupling, uniform, grad_preactivation.data());
     if (iteration == 0) break;  // the first couplings come from constant zero logits
+    // The forward's buffers, reused: broadcast_poses holds dL/ds_j, couplings dL/dc_ij, sums dL/dv_(t-1).
     for (int64_t jk = 0; jk < JK; ++jk) {
       ws.broadcast_poses[jk] = broadcast(grad_preactivation[jk]);
       ws.sums[jk] = Vec{};
@@ -385,9 +386,9 @@ void block_input_and_weight_gradients(const Problem& p, const Backward& g, const
       for (int64_t r = 0; r < R; ++r) left[r] = load(g.left + (((v * B + b) * R + r) * J + j) * kLanes);
       const float* right = g.right + (b * R * J + j) * K;  // term r at right + r * J * K
       for (int64_t k = 0; k < K; ++k) {  // independent chains over k: no accumulator waits for the previous FMA
-        Vec total = left[0] * right[k];
-        for (int64_t r = 1; r < R; ++r) total += left[r] * right[r * J * K + k];
-        grad_vote[b * K + k] = total;
+        Vec sum = left[0] * right[k];
+        for (int64_t r = 1; r < R; ++r) sum += left[r] * right[r * J * K + k];
+        grad_vote[b * K + k] = sum;
       }
     }
     const float* weight = p.weight + (v * J + j) * K * A * kLanes;
@@ -418,7 +419,8 @@ void block_input_and_weight_gradients(const Problem& p, const Backward& g, const
   const int64_t lanes = std::min(kLanes, I - v * kLanes);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t a = 0; a < A; ++a)
-      for (int64_t lane = 0; lane < lanes; ++lane) grad_inputs[(b * I + v * kLanes + lane) * A + a] = grad_u[b * A + a][lane];
+      for (int64_t lane = 0; lane < lanes; ++lane)
+        grad_inputs[(b * I + v * kLanes + lane) * A + a] = grad_u[b * A + a][lane];
 }
 
 // Input blocks first_vector, first_vector + stride, ... of block_input_and_weight_gradients.
