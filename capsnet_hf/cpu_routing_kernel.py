@@ -144,18 +144,22 @@ class CpuRoutingKernel:
     """A class-capsule layer's `routing_kernel`: (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings
     [B, J, I], as `CapsNetClassCapsules.forward`, differentiable w.r.t. the capsules, the weight and the bias.
 
-    The weight is re-laid out on every call (0.5 ms for the MNIST model's 1.5 M weights on 2 threads): a cached copy cannot
-    tell when the weight has changed, since in-place updates such as torch's fused Adam do not bump its version.
+    The weight is re-laid out on every call (0.5 ms for the MNIST model's 1.5 M weights on 2 threads): a cached copy
+    cannot tell when the weight has changed, since in-place updates such as torch's fused Adam do not bump its version.
     """
 
     def __init__(self, cache_dir: str | None = None):
         self.cache_dir = cache_dir
         self.lanes = load_kernel_library(cache_dir).capsnet_lanes()
 
+    def padded(self, num_inputs: int) -> int:
+        """P: the number of input capsules rounded up to whole blocks of L (the kernel's vector lanes)."""
+        return -(-num_inputs // self.lanes) * self.lanes
+
     def packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W [I, J, K, A] -> [P / L, J, K, A, L]: L input capsules side by side, I padded to P with zeros."""
         num_inputs, num_classes, capsule_dim, input_dim = weight.shape
-        padded = -(-num_inputs // self.lanes) * self.lanes
+        padded = self.padded(num_inputs)
         weight = weight.detach()
         if padded > num_inputs:
             weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - num_inputs))
@@ -174,14 +178,13 @@ class CpuRoutingKernel:
     def geometry(self, layer: nn.Module, batch_size: int) -> tuple:
         """The sizes and settings both entry points take, in their order (batch ... epsilon)."""
         num_inputs, num_classes, capsule_dim, input_dim = layer.weight.shape
-        padded = -(-num_inputs // self.lanes) * self.lanes
         return (
             batch_size,
             num_inputs,
             input_dim,
             num_classes,
             capsule_dim,
-            padded,
+            self.padded(num_inputs),
             layer.routing_iterations,
             int(layer.leaky_routing),
             layer.epsilon,
@@ -227,7 +230,8 @@ class _KernelRouting(torch.autograd.Function):
         inputs, _, bias = ctx.saved_tensors
         batch_size, num_inputs, input_dim, num_classes, capsule_dim, padded, iterations = ctx.geometry[:7]
         lanes = ctx.kernel.lanes
-        # [B, I, A] -> [P / L, B, A, L]: input blocks of the packed weight, zero padded, block-major
+        # [B, I, A] -> [P / L, B, A, L]: input blocks of the packed weight, zero padded, block-major (the forward packs
+        # each thread's examples itself, in cache; this layout serves the second phase, which runs over input blocks)
         packed_inputs = F.pad(inputs, (0, 0, 0, padded - num_inputs)).view(batch_size, padded // lanes, lanes, -1)
         packed_inputs = packed_inputs.permute(1, 0, 3, 2).contiguous()
         terms = 1 if ctx.detach_inner_votes else 2 * iterations - 1
