@@ -13,7 +13,7 @@ state, and a fixed order would always give each variant the same predecessor):
   fused Adam on CPU and CUDA);
 - ``train_plain_adam`` (with ``--plain-adam``): the same step with ``torch.optim.Adam``'s default implementation;
 - ``train_saver``: the same step with the memory saver on (``model.activation_checkpointing_enable()``);
-- with ``--cpu-routing-kernel``: ``infer_kernel`` / ``train_kernel``, ``infer`` / ``train`` with the opt-in CPU
+- with ``--cpu-routing-kernel``: ``infer_kernel`` / ``train_kernel``, ``infer`` / ``train`` with the CPU
   routing kernel (``capsnet_hf.enable_cpu_routing_kernel``; it is built before the timings);
 - with ``--compile``: ``infer_compiled`` / ``train_compiled`` with ``torch.compile(model, fullgraph=True)`` (the
   compile time of the first call is reported apart).
@@ -395,7 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cpu-routing-kernel",
         action="store_true",
-        help="also time inference and training with the opt-in CPU routing kernel",
+        help="also time inference and training with the CPU routing kernel",
     )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)

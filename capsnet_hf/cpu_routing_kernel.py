@@ -1,4 +1,4 @@
-"""Opt-in CPU kernel for the class capsules: votes and routing fused per example, forward and backward.
+"""CPU kernel for the class capsules: votes and routing fused per example, forward and backward.
 
 `modeling_capsnet.py` computes the votes [B, J, I, K] with one batched matmul and routes them with batched torch
 ops: portable, differentiable and compilable, but on a CPU it writes the votes to memory and streams them
@@ -10,7 +10,8 @@ routes each example with one pass per iteration; its backward recomputes them ra
 inputs, in inference and in training, outside `torch.compile`, on `torch.get_num_threads()` OpenMP threads. GPUs,
 other dtypes and compiled models keep the torch path. Outputs and gradients equal the torch path's to float32
 rounding (tests/test_routing_reference.py). Needs a C++ compiler (g++ or clang++, or `CXX`); tested on Linux x86-64
-with GCC 12. `capsnet-train --cpu_routing_kernel true` turns it on for training.
+with GCC 12. For a library it is opt-in, since it runs a compiler on the user's machine; `capsnet-train` turns it on
+by default on CPU (`--cpu_routing_kernel auto`, falling back to the torch path when it cannot be built).
 
     model = AutoModelForImageClassification.from_pretrained(...)
     enable_cpu_routing_kernel(model.eval())

@@ -6,10 +6,11 @@
 Flags follow transformers' `run_image_classification_no_trainer.py` where one exists. `--recipe mnist|cifar10`
 reproduces the official training; any value can be overridden by `--config_file` (YAML/JSON) and the command line.
 
-The script, top to bottom: arguments -> data (decoded once to uint8 tensors on the device) -> model -> optimizer and
-learning-rate schedule -> resume -> one loop of optimizer steps (batched on-device augmentation, gradient
-accumulation, logging, periodic `save_state`, evaluation each epoch) -> final evaluation -> `save_pretrained`,
-image processor, results, model card -> optional push to the Hub.
+The script, top to bottom: arguments -> data (decoded once to uint8 tensors on the device) -> model (on CPU with the
+compiled routing kernel of `cpu_routing_kernel.py` when it builds) -> optimizer and learning-rate schedule -> resume
+-> one loop of optimizer steps (batched on-device augmentation, gradient accumulation, logging, periodic
+`save_state`, evaluation each epoch) -> final evaluation -> `save_pretrained`, image processor, results, model card
+-> optional push to the Hub.
 
 Reproducibility: example order is a permutation fixed by (seed, epoch) and augmentation draws from a generator
 seeded by (seed, step, micro-step, process), so training is a pure function of the step number and a resumed run
@@ -83,6 +84,15 @@ def _bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+def _kernel_mode(value: str | bool) -> str:
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    try:
+        return "true" if _bool(value) else "false"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsnet-train", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
@@ -143,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's config")
     add(
         "--cpu_routing_kernel",
-        type=_bool,
-        default=False,
-        help="on CPU, route with the compiled C++ kernel (capsnet_hf.enable_cpu_routing_kernel; needs a C++ compiler)",
+        type=_kernel_mode,
+        default="auto",
+        help="on CPU, route the class capsules with the compiled C++ kernel (capsnet_hf.enable_cpu_routing_kernel): "
+        "'auto' (default) when it builds, else the torch path; 'true' requires it (needs a C++ compiler)",
     )
     # Output, checkpoints, logging.
     add("--output_dir", required=True)
@@ -190,7 +201,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.image_size = args.image_size * 2
         if len(args.image_size) != 2:
             parser.error(f"--image_size takes height [width], got {args.image_size}")
-    if args.cpu_routing_kernel and args.model_type != "capsnet":
+    if args.cpu_routing_kernel == "true" and args.model_type != "capsnet":
         parser.error(f"--cpu_routing_kernel applies to CapsNet models, not --model_type {args.model_type}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id org/name")
@@ -312,6 +323,40 @@ def create_optimizer(parameters, learning_rate: float, device: torch.device | st
     return torch.optim.Adam(parameters, lr=learning_rate, fused=torch.device(device).type in ("cpu", "cuda"))
 
 
+def attach_cpu_routing_kernel(model: torch.nn.Module, mode: str, device: torch.device) -> str | None:
+    """Apply `--cpu_routing_kernel` (auto/true/false) to a CapsNet `model`; returns a line for the log, or None.
+
+    'auto' uses the kernel on CPU when it builds and runs on torch's threads (a build without OpenMP is slower than
+    the torch path on several threads) and otherwise keeps the torch path; 'true' raises `UsageError` if it cannot be
+    built. The kernel routes float32 inputs only: under bf16/fp16 autocast the torch path runs either way.
+    """
+    from .cpu_routing_kernel import (
+        KernelBuildError,
+        disable_cpu_routing_kernel,
+        enable_cpu_routing_kernel,
+        load_kernel_library,
+    )
+
+    if mode == "false":
+        return None
+    if device.type != "cpu":
+        if mode == "true":
+            return f"--cpu_routing_kernel has no effect on {device}: the kernel runs on CPU only"
+        return None
+    try:
+        enable_cpu_routing_kernel(model)
+    except KernelBuildError as error:
+        if mode == "true":
+            raise UsageError(f"--cpu_routing_kernel: {error}") from error
+        reason = str(error).splitlines()[0]
+        return f"class capsules: torch path, the CPU routing kernel is unavailable ({reason})"
+    threads = torch.get_num_threads()
+    if mode == "auto" and threads > 1 and not load_kernel_library().capsnet_threaded():
+        disable_cpu_routing_kernel(model)
+        return f"class capsules: torch path, the CPU routing kernel was built without OpenMP (1 thread, not {threads})"
+    return "class capsules: CPU routing kernel (--cpu_routing_kernel false for the torch path)"
+
+
 def build_config(args: argparse.Namespace, num_channels: int, image_size: Sequence[int], id2label: dict[int, str]):
     """A `CapsNetConfig` (or, with `--model_type baseline_cnn`, a `BaselineCNNConfig`) for the data (channels, size,
     class names), with the command line's architecture values (CapsNet only)."""
@@ -370,7 +415,6 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .baseline_cnn import BaselineCNNForImageClassification
-    from .cpu_routing_kernel import KernelBuildError, enable_cpu_routing_kernel
     from .evaluate import classification_metrics, collect_scores
     from .image_processing_capsnet import CapsNetImageProcessor
     from .modeling_capsnet import CapsNetForImageClassification
@@ -455,13 +499,10 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = model_class.from_pretrained(args.model_name_or_path, config=config)
     else:
         model = model_class(config)
-    if args.cpu_routing_kernel:
-        try:
-            enable_cpu_routing_kernel(model)
-        except KernelBuildError as error:
-            raise UsageError(f"--cpu_routing_kernel: {error}") from error
-        if device.type != "cpu":
-            accelerator.print(f"--cpu_routing_kernel has no effect on {device}: the kernel runs on CPU only")
+    if args.model_type == "capsnet":
+        kernel_note = attach_cpu_routing_kernel(model, args.cpu_routing_kernel, device)
+        if kernel_note:
+            accelerator.print(kernel_note)
     processor = CapsNetImageProcessor.from_model_config(
         config,
         resize_mode="crop_or_pad" if args.augmentation == "cifar" else args.resize_mode,

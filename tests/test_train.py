@@ -11,11 +11,19 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATASETS
+from conftest import REPO_ROOT, SHARED_DATASETS, small_config
 from safetensors.torch import load_file
 from test_data import write_dataset
 
-from capsnet_hf.train import UsageError, create_optimizer, list_checkpoints, main, parse_args, train
+from capsnet_hf.train import (
+    UsageError,
+    attach_cpu_routing_kernel,
+    create_optimizer,
+    list_checkpoints,
+    main,
+    parse_args,
+    train,
+)
 
 # A CapsNet small enough for 16x16 CPU tests (18 primary capsules).
 TINY_MODEL = [
@@ -268,7 +276,7 @@ def test_bad_input_fails_before_training(tmp_path, case, message):
         assert not output_dir.exists()  # nothing written
 
 
-def test_cpu_routing_kernel_trains_like_the_torch_path(tmp_path, tiny_dataset, monkeypatch):
+def test_cpu_routing_kernel_is_the_default_and_trains_like_the_torch_path(tmp_path, tiny_dataset, monkeypatch, capsys):
     from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel
 
     calls = []
@@ -277,30 +285,70 @@ def test_cpu_routing_kernel_trains_like_the_torch_path(tmp_path, tiny_dataset, m
         CpuRoutingKernel, "__call__", lambda self, *a: calls.append(torch.is_grad_enabled()) or original(self, *a)
     )
     weights = []
-    for name, flag in (("torch", "false"), ("kernel", "true")):
-        train(tiny_args(tiny_dataset, tmp_path / name, "--max_train_steps", "3", "--cpu_routing_kernel", flag))
+    for name, flags in (("torch", ["--cpu_routing_kernel", "false"]), ("kernel", [])):
+        train(tiny_args(tiny_dataset, tmp_path / name, "--max_train_steps", "3", *flags))
         weights.append(load_file(tmp_path / name / "model.safetensors"))
-    assert calls.count(True) == 3 and calls.count(False) > 0  # the 3 training steps and the evaluation, second run
+        if name == "torch":
+            assert calls == []
+    assert calls.count(True) == 3 and calls.count(False) > 0  # the default run: its 3 training steps and evaluation
+    assert "class capsules: CPU routing kernel" in capsys.readouterr().out
     for name, expected in weights[0].items():
         torch.testing.assert_close(weights[1][name], expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_cpu_routing_kernel_without_compiler_or_for_the_baseline_is_refused(tmp_path, tiny_dataset, monkeypatch):
+@pytest.fixture
+def no_compiler(tmp_path, monkeypatch):
     from capsnet_hf.cpu_routing_kernel import load_kernel_library
 
-    with pytest.raises(SystemExit):
-        parse_args(["--dataset_name", "x", "--output_dir", "y", "--model_type", "baseline_cnn",
-                    "--cpu_routing_kernel", "true"])  # fmt: skip
     monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
     load_kernel_library.cache_clear()
-    output_dir = tmp_path / "out"
+    yield
+    load_kernel_library.cache_clear()
+
+
+def test_without_a_compiler_the_default_trains_on_the_torch_path_and_true_is_refused(
+    tmp_path, tiny_dataset, no_compiler, capsys
+):
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_name", "x", "--output_dir", "y", "--model_type", "baseline_cnn",
+                    "--cpu_routing_kernel", "true"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_name", "x", "--output_dir", "y", "--cpu_routing_kernel", "sometimes"])
+    assert "expected auto, true or false, got 'sometimes'" in capsys.readouterr().err
+    refused = tmp_path / "refused"
+    with pytest.raises(UsageError, match="--cpu_routing_kernel: .*needs a C\\+\\+ compiler"):
+        train(tiny_args(tiny_dataset, refused, "--max_train_steps", "1", "--cpu_routing_kernel", "true"))
+    assert not refused.exists()
+    train(tiny_args(tiny_dataset, tmp_path / "auto", "--max_train_steps", "1"))
+    assert (tmp_path / "auto" / "model.safetensors").is_file()
+    assert "class capsules: torch path, the CPU routing kernel is unavailable (" in capsys.readouterr().out
+
+
+def test_auto_keeps_the_torch_path_for_a_kernel_built_without_openmp(tmp_path, monkeypatch):
+    from capsnet_hf import CapsNetForImageClassification, cpu_routing_kernel
+
+    def kernel_in_use(model):
+        return model.capsnet.members[0].class_capsules.routing_kernel is not None
+
+    model = CapsNetForImageClassification(small_config())
+    cpu = torch.device("cpu")
+    assert attach_cpu_routing_kernel(model, "false", cpu) is None and not kernel_in_use(model)
+    assert attach_cpu_routing_kernel(model, "auto", torch.device("cuda")) is None and not kernel_in_use(model)
+    assert "no effect on cuda" in attach_cpu_routing_kernel(model, "true", torch.device("cuda"))
+    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_routing_kernel, "OPENMP_FLAGS", ("-fno-such-openmp-option",))
+    cpu_routing_kernel.load_kernel_library.cache_clear()
     try:
-        with pytest.raises(UsageError, match="--cpu_routing_kernel: .*needs a C\\+\\+ compiler"):
-            train(tiny_args(tiny_dataset, output_dir, "--max_train_steps", "1", "--cpu_routing_kernel", "true"))
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert "built without OpenMP (1 thread, not 2)" in attach_cpu_routing_kernel(model, "auto", cpu)
+        assert not kernel_in_use(model)
+        assert "CPU routing kernel" in attach_cpu_routing_kernel(model, "true", cpu) and kernel_in_use(model)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        cpu_routing_kernel.disable_cpu_routing_kernel(model)
+        assert "CPU routing kernel" in attach_cpu_routing_kernel(model, "auto", cpu) and kernel_in_use(model)
     finally:
-        load_kernel_library.cache_clear()
-    assert not output_dir.exists()
+        cpu_routing_kernel.load_kernel_library.cache_clear()
 
 
 def test_multimnist_two_hot_training_with_accumulation_and_bf16(tmp_path):
