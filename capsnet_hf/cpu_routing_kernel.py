@@ -10,8 +10,9 @@ routes each example with one pass per iteration; its backward recomputes them ra
 inputs, in inference and in training, outside `torch.compile`, on `torch.get_num_threads()` OpenMP threads. GPUs,
 other dtypes and compiled models keep the torch path. Outputs and gradients equal the torch path's to float32
 rounding (tests/test_routing_reference.py). Needs a C++ compiler (g++ or clang++, or `CXX`); tested on Linux x86-64
-with GCC 12. For a library it is opt-in, since it runs a compiler on the user's machine; `capsnet-train` turns it on
-by default on CPU (`--cpu_routing_kernel auto`, falling back to the torch path when it cannot be built).
+with GCC 12. For a library it is opt-in, since it runs a compiler on the user's machine; `capsnet-train` and
+`capsnet-eval` turn it on by default on CPU (`--cpu_routing_kernel auto`, `use_cpu_routing_kernel`), falling back
+to the torch path when it cannot be built.
 
     model = AutoModelForImageClassification.from_pretrained(...)
     enable_cpu_routing_kernel(model.eval())
@@ -288,3 +289,50 @@ def disable_cpu_routing_kernel(model: nn.Module) -> nn.Module:
     for layer in _class_capsule_layers(model):
         layer.routing_kernel = None
     return model
+
+
+CPU_ROUTING_KERNEL_MODES = ("auto", "true", "false")
+_MODE_ALIASES = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
+
+
+def cpu_routing_kernel_mode(value: str | bool) -> str:
+    """The command lines' `--cpu_routing_kernel` value, 'auto', 'true' or 'false', from a string (yes/no/on/off/1/0
+    also) or a config file's boolean; raises `ValueError` naming the flag otherwise."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    mode = _MODE_ALIASES.get(str(value).lower(), str(value).lower())
+    if mode not in CPU_ROUTING_KERNEL_MODES:
+        raise ValueError(f"--cpu_routing_kernel takes auto, true or false, got {value!r}")
+    return mode
+
+
+def use_cpu_routing_kernel(model: nn.Module, mode: str, device: torch.device | str) -> str | None:
+    """Apply a `--cpu_routing_kernel` mode to `model` for running on `device`; returns a line for the log, or None.
+
+    'false' keeps the torch path. 'auto' attaches the kernel on CPU when it builds and runs on torch's threads (a
+    build without OpenMP is slower than the torch path on several threads), and otherwise, or for a model without
+    class capsules, keeps the torch path. 'true' attaches it on CPU whatever the threads and raises
+    `KernelBuildError` if it cannot be built. The kernel routes float32 inputs only: under bf16/fp16 autocast the
+    torch path runs either way.
+    """
+    mode = cpu_routing_kernel_mode(mode)
+    if mode == "false":
+        return None
+    device = torch.device(device)
+    if device.type != "cpu":
+        return (
+            f"--cpu_routing_kernel has no effect on {device}: the kernel runs on CPU only" if mode == "true" else None
+        )
+    if mode == "auto" and not any(hasattr(module, "routing_kernel") for module in model.modules()):
+        return None
+    try:
+        enable_cpu_routing_kernel(model)
+    except KernelBuildError as error:
+        if mode == "true":
+            raise
+        return f"class capsules: torch path, the CPU routing kernel is unavailable ({str(error).splitlines()[0]})"
+    threads = torch.get_num_threads()
+    if mode == "auto" and threads > 1 and not load_kernel_library().capsnet_threaded():
+        disable_cpu_routing_kernel(model)
+        return f"class capsules: torch path, the CPU routing kernel was built without OpenMP (1 thread, not {threads})"
+    return "class capsules: CPU routing kernel (--cpu_routing_kernel false for the torch path)"

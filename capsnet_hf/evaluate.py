@@ -5,7 +5,8 @@
 
 An ensemble scores each class by the SUM of its members' capsule lengths (the official CIFAR-10 evaluation). The
 metrics are written as JSON (stdout, and `--output_file`). Runs under `accelerate launch` too: every example is
-counted exactly once (`gather_for_metrics`).
+counted exactly once (`gather_for_metrics`). On CPU the class capsules use the compiled routing kernel of
+`cpu_routing_kernel.py` when it builds (`--cpu_routing_kernel auto|true|false`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from . import metrics
+from .cpu_routing_kernel import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
 from .data import PAPER_DATASETS, BatchTransform, UsageError, load_paper_splits, load_splits
 
 
@@ -128,8 +130,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of generated data sets")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     parser.add_argument("--trust_remote_code", action="store_true", help="load models through their own code")
+    parser.add_argument(
+        "--cpu_routing_kernel",
+        default="auto",
+        help="on CPU, route the class capsules with the compiled C++ kernel: 'auto' (default) when it builds, "
+        "'true' requires it, 'false' keeps the torch path",
+    )
     parser.add_argument("--output_file", default=None, help="also write the JSON metrics here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.cpu_routing_kernel = cpu_routing_kernel_mode(args.cpu_routing_kernel)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def load_models(paths: Sequence[str], trust_remote_code: bool = False) -> tuple[list[torch.nn.Module], Any]:
@@ -178,6 +191,15 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paths = args.ensemble or [args.model_name_or_path]
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     models, processor = load_models(paths, args.trust_remote_code)
+    kernel_notes = set()
+    for path, model in zip(paths, models, strict=True):
+        try:
+            kernel_notes.add(use_cpu_routing_kernel(model, args.cpu_routing_kernel, accelerator.device))
+        except (KernelBuildError, ValueError) as error:
+            raise UsageError(f"--cpu_routing_kernel for {path!r}: {error}") from error
+    for note in sorted(kernel_notes - {None}):
+        if accelerator.is_main_process:
+            print(note, file=sys.stderr)  # stdout is the JSON metrics
     config = models[0].config
     id2label = {int(key): value for key, value in config.id2label.items()}
     if args.dataset_name in PAPER_DATASETS:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .cpu_routing_kernel import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
 from .data import (
     PAPER_DATASETS,
     BatchTransform,
@@ -82,15 +83,6 @@ def _bool(value: str | bool) -> bool:
     if value.lower() in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
-
-
-def _kernel_mode(value: str | bool) -> str:
-    if isinstance(value, str) and value.lower() == "auto":
-        return "auto"
-    try:
-        return "true" if _bool(value) else "false"
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's config")
     add(
         "--cpu_routing_kernel",
-        type=_kernel_mode,
         default="auto",
         help="on CPU, route the class capsules with the compiled C++ kernel (capsnet_hf.enable_cpu_routing_kernel): "
         "'auto' (default) when it builds, else the torch path; 'true' requires it (needs a C++ compiler)",
@@ -201,6 +192,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.image_size = args.image_size * 2
         if len(args.image_size) != 2:
             parser.error(f"--image_size takes height [width], got {args.image_size}")
+    try:
+        args.cpu_routing_kernel = cpu_routing_kernel_mode(args.cpu_routing_kernel)
+    except ValueError as error:
+        parser.error(str(error))
     if args.cpu_routing_kernel == "true" and args.model_type != "capsnet":
         parser.error(f"--cpu_routing_kernel applies to CapsNet models, not --model_type {args.model_type}")
     if args.push_to_hub and not args.hub_model_id:
@@ -321,40 +316,6 @@ def create_optimizer(parameters, learning_rate: float, device: torch.device | st
     chain of element-wise passes (the 8.2 M-parameter MNIST model on 2 CPU threads: 25 -> 5 ms per step). Same
     algorithm; the numbers differ only by float rounding. Create it while the parameters are on CPU or `device`."""
     return torch.optim.Adam(parameters, lr=learning_rate, fused=torch.device(device).type in ("cpu", "cuda"))
-
-
-def attach_cpu_routing_kernel(model: torch.nn.Module, mode: str, device: torch.device) -> str | None:
-    """Apply `--cpu_routing_kernel` (auto/true/false) to a CapsNet `model`; returns a line for the log, or None.
-
-    'auto' uses the kernel on CPU when it builds and runs on torch's threads (a build without OpenMP is slower than
-    the torch path on several threads) and otherwise keeps the torch path; 'true' raises `UsageError` if it cannot be
-    built. The kernel routes float32 inputs only: under bf16/fp16 autocast the torch path runs either way.
-    """
-    from .cpu_routing_kernel import (
-        KernelBuildError,
-        disable_cpu_routing_kernel,
-        enable_cpu_routing_kernel,
-        load_kernel_library,
-    )
-
-    if mode == "false":
-        return None
-    if device.type != "cpu":
-        if mode == "true":
-            return f"--cpu_routing_kernel has no effect on {device}: the kernel runs on CPU only"
-        return None
-    try:
-        enable_cpu_routing_kernel(model)
-    except KernelBuildError as error:
-        if mode == "true":
-            raise UsageError(f"--cpu_routing_kernel: {error}") from error
-        reason = str(error).splitlines()[0]
-        return f"class capsules: torch path, the CPU routing kernel is unavailable ({reason})"
-    threads = torch.get_num_threads()
-    if mode == "auto" and threads > 1 and not load_kernel_library().capsnet_threaded():
-        disable_cpu_routing_kernel(model)
-        return f"class capsules: torch path, the CPU routing kernel was built without OpenMP (1 thread, not {threads})"
-    return "class capsules: CPU routing kernel (--cpu_routing_kernel false for the torch path)"
 
 
 def build_config(args: argparse.Namespace, num_channels: int, image_size: Sequence[int], id2label: dict[int, str]):
@@ -500,7 +461,10 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         model = model_class(config)
     if args.model_type == "capsnet":
-        kernel_note = attach_cpu_routing_kernel(model, args.cpu_routing_kernel, device)
+        try:
+            kernel_note = use_cpu_routing_kernel(model, args.cpu_routing_kernel, device)
+        except KernelBuildError as error:
+            raise UsageError(f"--cpu_routing_kernel: {error}") from error
         if kernel_note:
             accelerator.print(kernel_note)
     processor = CapsNetImageProcessor.from_model_config(

@@ -1,4 +1,4 @@
-"""The opt-in CPU routing kernel: when the model uses it, what it leaves alone, and how it fails.
+"""The CPU routing kernel: when the model uses it, what it leaves alone, how it fails, the command lines' modes.
 
 Its numbers are checked against the reference formulation in test_routing_reference.py.
 """
@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 from conftest import small_config
+from torch import nn
 
 from capsnet_hf import (
     CapsNetForImageClassification,
@@ -17,7 +18,13 @@ from capsnet_hf import (
     disable_cpu_routing_kernel,
     enable_cpu_routing_kernel,
 )
-from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel, KernelBuildError, load_kernel_library
+from capsnet_hf.cpu_routing_kernel import (
+    CpuRoutingKernel,
+    KernelBuildError,
+    cpu_routing_kernel_mode,
+    load_kernel_library,
+    use_cpu_routing_kernel,
+)
 
 PIXELS = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(5))
 
@@ -248,3 +255,44 @@ def test_corrupt_cached_library_is_a_clear_error(tmp_path):
     (corrupt / library.name).unlink()
     load_kernel_library.cache_clear()
     assert load_kernel_library(str(corrupt)).capsnet_lanes() == 8  # rebuilt
+
+
+def test_command_line_modes(tmp_path, monkeypatch):
+    """`--cpu_routing_kernel` of capsnet-train / capsnet-eval: auto keeps the torch path where the kernel would be
+    slower (a build without OpenMP on several threads) or cannot run; true insists; false never attaches it."""
+
+    def kernel_in_use(model):
+        return model.capsnet.members[0].class_capsules.routing_kernel is not None
+
+    assert [cpu_routing_kernel_mode(v) for v in ("AUTO", "yes", "0", True, False)] == [
+        "auto", "true", "false", "true", "false"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--cpu_routing_kernel takes auto, true or false, got 'sometimes'"):
+        cpu_routing_kernel_mode("sometimes")
+    model = CapsNetForImageClassification(small_config())
+    assert use_cpu_routing_kernel(model, "false", "cpu") is None and not kernel_in_use(model)
+    assert use_cpu_routing_kernel(model, "auto", "cuda") is None and not kernel_in_use(model)
+    assert "no effect on cuda" in use_cpu_routing_kernel(model, "true", "cuda") and not kernel_in_use(model)
+    assert use_cpu_routing_kernel(nn.Linear(2, 2), "auto", "cpu") is None  # no class capsules: nothing to do
+    with pytest.raises(ValueError, match="no CapsNet class-capsule layer"):
+        use_cpu_routing_kernel(nn.Linear(2, 2), "true", "cpu")
+    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_routing_kernel, "OPENMP_FLAGS", ("-fno-such-openmp-option",))
+    load_kernel_library.cache_clear()
+    try:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert "built without OpenMP (1 thread, not 2)" in use_cpu_routing_kernel(model, "auto", "cpu")
+        assert not kernel_in_use(model)
+        assert "CPU routing kernel" in use_cpu_routing_kernel(model, "true", "cpu") and kernel_in_use(model)
+        disable_cpu_routing_kernel(model)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        assert "CPU routing kernel" in use_cpu_routing_kernel(model, "auto", "cpu") and kernel_in_use(model)
+        disable_cpu_routing_kernel(model)
+        monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
+        load_kernel_library.cache_clear()
+        assert "torch path, the CPU routing kernel is unavailable (" in use_cpu_routing_kernel(model, "auto", "cpu")
+        assert not kernel_in_use(model)
+        with pytest.raises(KernelBuildError, match="needs a C\\+\\+ compiler"):
+            use_cpu_routing_kernel(model, "true", "cpu")
+    finally:
+        load_kernel_library.cache_clear()

@@ -64,6 +64,34 @@ def test_ensemble_sums_capsule_lengths(trained):
     assert ensemble["confusion_matrix"] == single["confusion_matrix"] and "loss" not in ensemble
 
 
+def test_eval_routes_with_the_cpu_kernel_by_default(trained, monkeypatch, capsys):
+    from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel, load_kernel_library
+
+    calls = []
+    original = CpuRoutingKernel.__call__
+    monkeypatch.setattr(CpuRoutingKernel, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    dataset, model_dir = trained
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", dataset, "--per_device_eval_batch_size", "4"]
+    torch_path = evaluate([*argv, "--cpu_routing_kernel", "false"])
+    assert calls == []
+    _reset_accelerate()
+    with_kernel = evaluate(argv)
+    assert len(calls) == 3  # 11 examples in batches of 4
+    assert with_kernel["confusion_matrix"] == torch_path["confusion_matrix"]
+    assert with_kernel["loss"] == pytest.approx(torch_path["loss"], rel=1e-5)
+    captured = capsys.readouterr()
+    assert "class capsules: CPU routing kernel" in captured.err and "class capsules" not in captured.out
+    _reset_accelerate()
+    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(model_dir.parent / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
+    load_kernel_library.cache_clear()
+    try:
+        assert main([*argv, "--cpu_routing_kernel", "true"]) == 2
+    finally:
+        load_kernel_library.cache_clear()
+    assert "capsnet-eval: error: --cpu_routing_kernel for " in capsys.readouterr().err
+
+
 def test_eval_rejects_an_unknown_split(trained):
     dataset, model_dir = trained
     argv = ["--model_name_or_path", str(model_dir), "--dataset_name", dataset, "--split", "validation"]
@@ -122,6 +150,9 @@ def test_baseline_cnn_trains_loads_with_auto_classes_and_evaluates(tmp_path):
     result = evaluate(["--model_name_or_path", str(output_dir), "--dataset_name", dataset])
     assert result["accuracy"] == results["eval_accuracy"]
     assert sum(map(sum, result["confusion_matrix"])) == 11
+    _reset_accelerate()
+    with pytest.raises(UsageError, match="--cpu_routing_kernel for .*no CapsNet class-capsule layer"):
+        evaluate(["--model_name_or_path", str(output_dir), "--dataset_name", dataset, "--cpu_routing_kernel", "true"])
 
 
 def test_baseline_cnn_refuses_capsnet_options_and_multimnist(tmp_path):

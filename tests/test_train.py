@@ -11,19 +11,11 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATASETS, small_config
+from conftest import REPO_ROOT, SHARED_DATASETS
 from safetensors.torch import load_file
 from test_data import write_dataset
 
-from capsnet_hf.train import (
-    UsageError,
-    attach_cpu_routing_kernel,
-    create_optimizer,
-    list_checkpoints,
-    main,
-    parse_args,
-    train,
-)
+from capsnet_hf.train import UsageError, create_optimizer, list_checkpoints, main, parse_args, train
 
 # A CapsNet small enough for 16x16 CPU tests (18 primary capsules).
 TINY_MODEL = [
@@ -315,7 +307,12 @@ def test_without_a_compiler_the_default_trains_on_the_torch_path_and_true_is_ref
                     "--cpu_routing_kernel", "true"])  # fmt: skip
     with pytest.raises(SystemExit):
         parse_args(["--dataset_name", "x", "--output_dir", "y", "--cpu_routing_kernel", "sometimes"])
-    assert "expected auto, true or false, got 'sometimes'" in capsys.readouterr().err
+    assert "--cpu_routing_kernel takes auto, true or false, got 'sometimes'" in capsys.readouterr().err
+    config_file = tmp_path / "config.json"
+    config_file.write_text('{"cpu_routing_kernel": false}')
+    assert parse_args(["--dataset_name", "x", "--output_dir", "y", "--config_file", str(config_file)]
+                      ).cpu_routing_kernel == "false"  # fmt: skip
+    assert parse_args(["--dataset_name", "x", "--output_dir", "y"]).cpu_routing_kernel == "auto"
     refused = tmp_path / "refused"
     with pytest.raises(UsageError, match="--cpu_routing_kernel: .*needs a C\\+\\+ compiler"):
         train(tiny_args(tiny_dataset, refused, "--max_train_steps", "1", "--cpu_routing_kernel", "true"))
@@ -323,32 +320,6 @@ def test_without_a_compiler_the_default_trains_on_the_torch_path_and_true_is_ref
     train(tiny_args(tiny_dataset, tmp_path / "auto", "--max_train_steps", "1"))
     assert (tmp_path / "auto" / "model.safetensors").is_file()
     assert "class capsules: torch path, the CPU routing kernel is unavailable (" in capsys.readouterr().out
-
-
-def test_auto_keeps_the_torch_path_for_a_kernel_built_without_openmp(tmp_path, monkeypatch):
-    from capsnet_hf import CapsNetForImageClassification, cpu_routing_kernel
-
-    def kernel_in_use(model):
-        return model.capsnet.members[0].class_capsules.routing_kernel is not None
-
-    model = CapsNetForImageClassification(small_config())
-    cpu = torch.device("cpu")
-    assert attach_cpu_routing_kernel(model, "false", cpu) is None and not kernel_in_use(model)
-    assert attach_cpu_routing_kernel(model, "auto", torch.device("cuda")) is None and not kernel_in_use(model)
-    assert "no effect on cuda" in attach_cpu_routing_kernel(model, "true", torch.device("cuda"))
-    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_routing_kernel, "OPENMP_FLAGS", ("-fno-such-openmp-option",))
-    cpu_routing_kernel.load_kernel_library.cache_clear()
-    try:
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-        assert "built without OpenMP (1 thread, not 2)" in attach_cpu_routing_kernel(model, "auto", cpu)
-        assert not kernel_in_use(model)
-        assert "CPU routing kernel" in attach_cpu_routing_kernel(model, "true", cpu) and kernel_in_use(model)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-        cpu_routing_kernel.disable_cpu_routing_kernel(model)
-        assert "CPU routing kernel" in attach_cpu_routing_kernel(model, "auto", cpu) and kernel_in_use(model)
-    finally:
-        cpu_routing_kernel.load_kernel_library.cache_clear()
 
 
 def test_multimnist_two_hot_training_with_accumulation_and_bf16(tmp_path):
