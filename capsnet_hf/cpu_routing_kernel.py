@@ -320,9 +320,9 @@ def use_cpu_routing_kernel(model: nn.Module, mode: str, device: torch.device | s
         return None
     device = torch.device(device)
     if device.type != "cpu":
-        return (
-            f"--cpu_routing_kernel has no effect on {device}: the kernel runs on CPU only" if mode == "true" else None
-        )
+        if mode == "true":
+            return f"--cpu_routing_kernel has no effect on {device}: the kernel runs on CPU only"
+        return None
     if mode == "auto" and not any(hasattr(module, "routing_kernel") for module in model.modules()):
         return None
     try:

@@ -191,15 +191,16 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paths = args.ensemble or [args.model_name_or_path]
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     models, processor = load_models(paths, args.trust_remote_code)
-    kernel_notes = set()
+    kernel_notes = []
     for path, model in zip(paths, models, strict=True):
         try:
-            kernel_notes.add(use_cpu_routing_kernel(model, args.cpu_routing_kernel, accelerator.device))
+            note = use_cpu_routing_kernel(model, args.cpu_routing_kernel, accelerator.device)
         except (KernelBuildError, ValueError) as error:
             raise UsageError(f"--cpu_routing_kernel for {path!r}: {error}") from error
-    for note in sorted(kernel_notes - {None}):
-        if accelerator.is_main_process:
-            print(note, file=sys.stderr)  # stdout is the JSON metrics
+        if note and note not in kernel_notes:
+            kernel_notes.append(note)
+    if accelerator.is_main_process and kernel_notes:
+        print("\n".join(kernel_notes), file=sys.stderr)  # stdout is the JSON metrics
     config = models[0].config
     id2label = {int(key): value for key, value in config.id2label.items()}
     if args.dataset_name in PAPER_DATASETS:
