@@ -312,8 +312,8 @@ def use_cpu_routing_kernel(model: nn.Module, mode: str, device: torch.device | s
     'false' keeps the torch path. 'auto' attaches the kernel on CPU when it builds and runs on torch's threads (a
     build without OpenMP is slower than the torch path on several threads), and otherwise, or for a model without
     class capsules, keeps the torch path. 'true' attaches it on CPU whatever the threads and raises
-    `KernelBuildError` if it cannot be built. The kernel routes float32 inputs only: under bf16/fp16 autocast the
-    torch path runs either way.
+    `KernelBuildError` if it cannot be built. The kernel takes float32 weights and capsules; the primary capsules are
+    float32 under bf16/fp16 autocast too (squash computes in float32), so there the class capsules run in float32.
     """
     mode = cpu_routing_kernel_mode(mode)
     if mode == "false":
