@@ -13,8 +13,9 @@ state, and a fixed order would always give each variant the same predecessor):
   fused Adam on CPU and CUDA);
 - ``train_plain_adam`` (with ``--plain-adam``): the same step with ``torch.optim.Adam``'s default implementation;
 - ``train_saver``: the same step with the memory saver on (``model.activation_checkpointing_enable()``);
-- with ``--cpu-routing-kernel``: ``infer_kernel`` / ``train_kernel``, ``infer`` / ``train`` with the CPU
-  routing kernel (``capsnet_hf.enable_cpu_routing_kernel``; it is built before the timings);
+- on CPU (``--cpu-routing-kernel auto``, the default, when it builds; ``false`` leaves them out): ``infer_kernel`` /
+  ``train_kernel``, ``infer`` / ``train`` with the CPU routing kernel (``capsnet_hf.enable_cpu_routing_kernel``, the
+  default of ``capsnet-train`` and ``capsnet-eval`` on CPU; it is built before the timings);
 - with ``--compile``: ``infer_compiled`` / ``train_compiled`` with ``torch.compile(model, fullgraph=True)`` (the
   compile time of the first call is reported apart).
 
@@ -48,7 +49,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel
-from capsnet_hf.cpu_routing_kernel import KernelBuildError, load_kernel_library
+from capsnet_hf.cpu_routing_kernel import KernelBuildError, cpu_routing_kernel_mode, load_kernel_library
 from capsnet_hf.train import create_optimizer
 
 MIB = 2**20
@@ -197,7 +198,7 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         "train": make_train_step(model, model, pixels, labels),
     }
     kernel_model = None
-    if args.cpu_routing_kernel:
+    if args.cpu_routing_kernel != "false":
         kernel_model = enable_cpu_routing_kernel(build_model(config, device, state, memory_saver=False))
 
         def infer_kernel() -> None:
@@ -394,13 +395,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cpu-routing-kernel",
-        action="store_true",
-        help="also time inference and training with the CPU routing kernel",
+        nargs="?",
+        const="true",
+        default="auto",
+        metavar="auto|true|false",
+        help="also time inference and training with the CPU routing kernel (the CLIs' default on CPU): 'auto' "
+        "(default) on CPU when it builds; the bare flag or 'true' requires it; 'false' leaves it out",
     )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
-    if args.cpu_routing_kernel and not args.device.startswith("cpu"):
+    try:
+        kernel_mode = cpu_routing_kernel_mode(args.cpu_routing_kernel)
+    except ValueError:
+        parser.error(f"--cpu-routing-kernel takes auto, true or false, got {args.cpu_routing_kernel!r}")
+    if kernel_mode == "true" and not args.device.startswith("cpu"):
         parser.error("--cpu-routing-kernel needs --device cpu")
+    args.cpu_routing_kernel = kernel_mode if args.device.startswith("cpu") else "false"
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     if min(args.batch_size) < 1 or min(args.image_size) < 25:
@@ -413,12 +423,15 @@ def main(argv: list[str] | None = None) -> int:
     device = open_device(args.device, args.threads)
     if device is None:
         return 2
-    if args.cpu_routing_kernel:
+    if args.cpu_routing_kernel != "false":
         try:
             load_kernel_library()  # build it before the timings
         except KernelBuildError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            if args.cpu_routing_kernel == "true":
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            print(f"no CPU routing kernel columns: {str(error).splitlines()[0]}", file=sys.stderr)
+            args.cpu_routing_kernel = "false"
     results = []
     for image_size, batch_size in itertools.product(args.image_size, args.batch_size):
         load_before = load_average()

@@ -147,6 +147,33 @@ def test_every_compiled_case_gets_its_own_static_graphs(script, argv, tmp_path):
     assert not [message for message in messages if "Recompiling" in message]
 
 
+def test_kernel_columns_by_default_on_cpu_only_where_it_builds(bench, tmp_path, monkeypatch, capsys):
+    from capsnet_hf.cpu_routing_kernel import load_kernel_library
+
+    argv = ["--threads", "1", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--no-saver"]
+    assert bench.parse_args(argv).cpu_routing_kernel == "auto"
+    assert bench.parse_args([*argv, "--device", "cuda"]).cpu_routing_kernel == "false"
+    assert bench.parse_args([*argv, "--cpu-routing-kernel", "no"]).cpu_routing_kernel == "false"
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv, "--cpu-routing-kernel", "sometimes"])
+    assert "--cpu-routing-kernel takes auto, true or false, got 'sometimes'" in capsys.readouterr().err
+    for name, extra in (("default", []), ("off", ["--cpu-routing-kernel", "false"])):
+        assert bench.main([*argv, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
+    times = {
+        name: json.loads((tmp_path / f"{name}.json").read_text())["results"][0]["times"] for name in ("default", "off")
+    }
+    assert {"infer_kernel", "train_kernel"} <= set(times["default"]) and "infer_kernel" not in times["off"]
+    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
+    load_kernel_library.cache_clear()
+    try:
+        assert bench.main([*argv, "--json", str(tmp_path / "no-compiler.json")]) == 0
+    finally:
+        load_kernel_library.cache_clear()
+    assert "no CPU routing kernel columns: " in capsys.readouterr().err
+    assert "infer_kernel" not in json.loads((tmp_path / "no-compiler.json").read_text())["results"][0]["times"]
+
+
 def test_kernel_that_cannot_be_built_is_a_clear_error(bench, tmp_path, monkeypatch, capsys):
     from capsnet_hf.cpu_routing_kernel import load_kernel_library
 
