@@ -266,9 +266,9 @@ class _KernelRouting(torch.autograd.Function):
         return grad_inputs, grad_weight[:num_inputs], None if bias is None else grad_bias.sum(0), None, None
 
 
-def _class_capsule_layers(model: nn.Module) -> list[nn.Module]:
+def _class_capsule_layers(model: nn.Module, required: bool = True) -> list[nn.Module]:
     layers = [module for module in model.modules() if hasattr(module, "routing_kernel")]
-    if not layers:
+    if required and not layers:
         raise ValueError(f"{type(model).__name__} has no CapsNet class-capsule layer to attach the kernel to")
     return layers
 
@@ -323,7 +323,7 @@ def use_cpu_routing_kernel(model: nn.Module, mode: str, device: torch.device | s
         if mode == "true":
             return f"--cpu_routing_kernel has no effect on {device}: the kernel runs on CPU only"
         return None
-    if mode == "auto" and not any(hasattr(module, "routing_kernel") for module in model.modules()):
+    if mode == "auto" and not _class_capsule_layers(model, required=False):
         return None
     try:
         enable_cpu_routing_kernel(model)

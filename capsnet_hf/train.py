@@ -460,13 +460,12 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = model_class.from_pretrained(args.model_name_or_path, config=config)
     else:
         model = model_class(config)
-    if args.model_type == "capsnet":
-        try:
-            kernel_note = use_cpu_routing_kernel(model, args.cpu_routing_kernel, device)
-        except KernelBuildError as error:
-            raise UsageError(f"--cpu_routing_kernel: {error}") from error
-        if kernel_note:
-            accelerator.print(kernel_note)
+    try:  # the baseline CNN has no class capsules: 'auto' leaves it alone, parse_args refuses 'true'
+        kernel_note = use_cpu_routing_kernel(model, args.cpu_routing_kernel, device)
+    except KernelBuildError as error:
+        raise UsageError(f"--cpu_routing_kernel: {error}") from error
+    if kernel_note:
+        accelerator.print(kernel_note)
     processor = CapsNetImageProcessor.from_model_config(
         config,
         resize_mode="crop_or_pad" if args.augmentation == "cifar" else args.resize_mode,

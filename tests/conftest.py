@@ -35,6 +35,18 @@ def kernel_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def no_compiler(tmp_path, monkeypatch):
+    """No C++ compiler (CXX names a missing one) and an empty kernel cache: the CPU routing kernel cannot be built."""
+    from capsnet_hf.cpu_routing_kernel import load_kernel_library
+
+    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "empty-kernel-cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
+    load_kernel_library.cache_clear()
+    yield
+    load_kernel_library.cache_clear()
+
+
+@pytest.fixture
 def mnist_fixture_images():
     """The three real MNIST test digits in tests/fixtures as (PIL image, label) pairs."""
     from PIL import Image

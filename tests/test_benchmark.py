@@ -23,6 +23,9 @@ def load_script(name: str):
     return module
 
 
+KERNEL_CASE = ["--threads", "1", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--no-saver"]
+
+
 @pytest.fixture(scope="module")
 def bench():
     return load_script("bench_capsnet")
@@ -147,10 +150,8 @@ def test_every_compiled_case_gets_its_own_static_graphs(script, argv, tmp_path):
     assert not [message for message in messages if "Recompiling" in message]
 
 
-def test_kernel_columns_by_default_on_cpu_only_where_it_builds(bench, tmp_path, monkeypatch, capsys):
-    from capsnet_hf.cpu_routing_kernel import load_kernel_library
-
-    argv = ["--threads", "1", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--no-saver"]
+def test_kernel_columns_by_default_on_cpu_only_where_it_builds(bench, tmp_path, capsys):
+    argv = KERNEL_CASE
     assert bench.parse_args(argv).cpu_routing_kernel == "auto"
     assert bench.parse_args([*argv, "--device", "cuda"]).cpu_routing_kernel == "false"
     assert bench.parse_args([*argv, "--cpu-routing-kernel", "no"]).cpu_routing_kernel == "false"
@@ -163,26 +164,15 @@ def test_kernel_columns_by_default_on_cpu_only_where_it_builds(bench, tmp_path, 
         name: json.loads((tmp_path / f"{name}.json").read_text())["results"][0]["times"] for name in ("default", "off")
     }
     assert {"infer_kernel", "train_kernel"} <= set(times["default"]) and "infer_kernel" not in times["off"]
-    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
-    load_kernel_library.cache_clear()
-    try:
-        assert bench.main([*argv, "--json", str(tmp_path / "no-compiler.json")]) == 0
-    finally:
-        load_kernel_library.cache_clear()
+
+
+def test_without_a_compiler_the_default_leaves_the_kernel_columns_out(bench, tmp_path, no_compiler, capsys):
+    assert bench.main([*KERNEL_CASE, "--json", str(tmp_path / "r.json")]) == 0
     assert "no CPU routing kernel columns: " in capsys.readouterr().err
-    assert "infer_kernel" not in json.loads((tmp_path / "no-compiler.json").read_text())["results"][0]["times"]
+    assert "infer_kernel" not in json.loads((tmp_path / "r.json").read_text())["results"][0]["times"]
 
 
-def test_kernel_that_cannot_be_built_is_a_clear_error(bench, tmp_path, monkeypatch, capsys):
-    from capsnet_hf.cpu_routing_kernel import load_kernel_library
-
-    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
-    load_kernel_library.cache_clear()
-    try:
-        assert bench.main(["--cpu-routing-kernel", "--json", str(tmp_path / "r.json")]) == 2
-    finally:
-        load_kernel_library.cache_clear()
+def test_kernel_that_cannot_be_built_is_a_clear_error(bench, tmp_path, no_compiler, capsys):
+    assert bench.main(["--cpu-routing-kernel", "--json", str(tmp_path / "r.json")]) == 2
     assert "needs a C++ compiler" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()

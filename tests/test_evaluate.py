@@ -65,7 +65,7 @@ def test_ensemble_sums_capsule_lengths(trained):
 
 
 def test_eval_routes_with_the_cpu_kernel_by_default(trained, monkeypatch, capsys):
-    from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel, load_kernel_library
+    from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel
 
     calls = []
     original = CpuRoutingKernel.__call__
@@ -81,14 +81,12 @@ def test_eval_routes_with_the_cpu_kernel_by_default(trained, monkeypatch, capsys
     assert with_kernel["loss"] == pytest.approx(torch_path["loss"], rel=1e-5)
     captured = capsys.readouterr()
     assert "class capsules: CPU routing kernel" in captured.err and "class capsules" not in captured.out
-    _reset_accelerate()
-    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(model_dir.parent / "cache"))
-    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
-    load_kernel_library.cache_clear()
-    try:
-        assert main([*argv, "--cpu_routing_kernel", "true"]) == 2
-    finally:
-        load_kernel_library.cache_clear()
+
+
+def test_eval_refuses_true_without_a_compiler(trained, no_compiler, capsys):
+    dataset, model_dir = trained
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", dataset, "--cpu_routing_kernel", "true"]
+    assert main(argv) == 2
     assert "capsnet-eval: error: --cpu_routing_kernel for " in capsys.readouterr().err
 
 

@@ -288,17 +288,6 @@ def test_cpu_routing_kernel_is_the_default_and_trains_like_the_torch_path(tmp_pa
         torch.testing.assert_close(weights[1][name], expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.fixture
-def no_compiler(tmp_path, monkeypatch):
-    from capsnet_hf.cpu_routing_kernel import load_kernel_library
-
-    monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")
-    load_kernel_library.cache_clear()
-    yield
-    load_kernel_library.cache_clear()
-
-
 def test_without_a_compiler_the_default_trains_on_the_torch_path_and_true_is_refused(
     tmp_path, tiny_dataset, no_compiler, capsys
 ):
