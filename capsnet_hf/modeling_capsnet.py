@@ -313,7 +313,9 @@ class CapsNetClassCapsules(nn.Module):
     docs/performance.md): a 22-example chunk's [B, J, I, K] copy of the votes ran about 4x slower per element than a
     10-example chunk's. Memory saver
     (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, each chunk's votes
-    and routing are recomputed in the backward pass instead of saved, so one chunk's votes are alive at a time.
+    and routing are recomputed in the backward pass instead of saved, so one chunk's votes are alive at a time; on a
+    GPU its chunks hold up to `gpu_saver_votes_per_chunk` votes (256 MiB in float32), as CPU-sized chunks there made
+    a step launch hundreds of small kernels twice (26-36x the plain step's time on an H100, docs/benchmarks.md).
 
     `routing_kernel` (None by default) is a callable (layer, primary capsules) -> (poses, couplings) computing the
     same thing, differentiable; `capsnet_hf.enable_cpu_routing_kernel` sets a compiled CPU kernel here, which is used
@@ -322,6 +324,7 @@ class CapsNetClassCapsules(nn.Module):
 
     votes_per_chunk = 2**22
     max_examples_per_chunk = 11
+    gpu_saver_votes_per_chunk = 2**26
 
     def __init__(self, config: CapsNetConfig):
         super().__init__()
@@ -363,6 +366,13 @@ class CapsNetClassCapsules(nn.Module):
             epsilon=self.epsilon,
         )
 
+    def examples_per_chunk(self, on_cpu: bool, checkpointing: bool) -> int:
+        """How many examples one routing chunk holds (at least one): CPU-sized, or GPU-sized for the memory saver."""
+        votes_per_example = self.weight.shape[0] * self.num_classes * self.capsule_dim
+        if checkpointing and not on_cpu:
+            return max(1, self.gpu_saver_votes_per_chunk // votes_per_example)
+        return max(1, min(self.max_examples_per_chunk, self.votes_per_chunk // votes_per_example))
+
     def forward(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]."""
         if (
@@ -372,10 +382,10 @@ class CapsNetClassCapsules(nn.Module):
             and primary_capsules.dtype == self.weight.dtype == torch.float32
         ):
             return self.routing_kernel(self, primary_capsules)
-        votes_per_example = self.weight.shape[0] * self.num_classes * self.capsule_dim
-        chunk_size = max(1, min(self.max_examples_per_chunk, self.votes_per_chunk // votes_per_example))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        chunked = checkpointing or (primary_capsules.device.type == "cpu" and primary_capsules.shape[0] > chunk_size)
+        on_cpu = primary_capsules.device.type == "cpu"
+        chunk_size = self.examples_per_chunk(on_cpu, checkpointing)
+        chunked = checkpointing or (on_cpu and primary_capsules.shape[0] > chunk_size)
         if not chunked:
             return self._route(primary_capsules)
         route = partial(self._gradient_checkpointing_func, self._route) if checkpointing else self._route

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import small_config
 
-from capsnet_hf import CapsNetForImageClassification, CapsNetModel, enable_cpu_routing_kernel
+from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, CapsNetModel, enable_cpu_routing_kernel
 
 EPS = 1e-9
 
@@ -204,6 +204,18 @@ def test_memory_saver_training_step_matches_plain_step():
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[1][0], results[0][0])
     assert_close_dicts(results[1][1], results[0][1])
+
+
+def test_memory_saver_chunks_are_cpu_sized_on_cpu_and_memory_sized_elsewhere():
+    """On a GPU the saver routes in large chunks (few kernel launches); the CPU keeps its cache-sized ones."""
+    layer = CapsNetForImageClassification(CapsNetConfig(image_size=64)).capsnet.members[0].class_capsules
+    votes_per_example = 18432 * 10 * 16
+    assert layer.examples_per_chunk(on_cpu=True, checkpointing=True) == 1
+    assert layer.examples_per_chunk(on_cpu=True, checkpointing=False) == 1
+    assert layer.examples_per_chunk(on_cpu=False, checkpointing=True) == 2**26 // votes_per_example == 22
+    mnist = CapsNetForImageClassification(CapsNetConfig()).capsnet.members[0].class_capsules
+    assert mnist.examples_per_chunk(on_cpu=True, checkpointing=True) == mnist.max_examples_per_chunk
+    assert mnist.examples_per_chunk(on_cpu=False, checkpointing=True) == 2**26 // (1152 * 10 * 16)
 
 
 def test_fullgraph_compile_training_and_inference_match_eager():
