@@ -315,7 +315,7 @@ class CapsNetClassCapsules(nn.Module):
     (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, each chunk's votes
     and routing are recomputed in the backward pass instead of saved, so one chunk's votes are alive at a time; on a
     GPU its chunks hold up to `gpu_saver_votes_per_chunk` votes (256 MiB in float32), as CPU-sized chunks there made
-    a step launch hundreds of small kernels twice (26-36x the plain step's time on an H100, docs/benchmarks.md).
+    a step launch hundreds of small kernels twice (7-17x the plain step's time on an H100, docs/benchmarks.md).
 
     `routing_kernel` (None by default) is a callable (layer, primary capsules) -> (poses, couplings) computing the
     same thing, differentiable; `capsnet_hf.enable_cpu_routing_kernel` sets a compiled CPU kernel here, which is used
