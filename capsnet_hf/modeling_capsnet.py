@@ -313,9 +313,9 @@ class CapsNetClassCapsules(nn.Module):
     docs/performance.md): a 22-example chunk's [B, J, I, K] copy of the votes ran about 4x slower per element than a
     10-example chunk's. Memory saver
     (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, each chunk's votes
-    and routing are recomputed in the backward pass instead of saved, so one chunk's votes are alive at a time; on a
-    GPU its chunks hold up to `gpu_saver_votes_per_chunk` votes (256 MiB in float32), as CPU-sized chunks there made
-    a step launch hundreds of small kernels twice (7-17x the plain step's time on an H100, docs/benchmarks.md).
+    and routing are recomputed in the backward pass instead of saved, so one chunk's votes are alive at a time; off
+    the CPU (GPUs) its chunks hold up to `gpu_saver_votes_per_chunk` votes (256 MiB in float32), as CPU-sized chunks
+    made a GPU step launch hundreds of small kernels twice (7-17x the plain step's time on an H100, docs/benchmarks.md).
 
     `routing_kernel` (None by default) is a callable (layer, primary capsules) -> (poses, couplings) computing the
     same thing, differentiable; `capsnet_hf.enable_cpu_routing_kernel` sets a compiled CPU kernel here, which is used
