@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -381,6 +382,74 @@ class LoadedSplits:
     eval_split: str | None
 
 
+NPZ_SUFFIX = ".npz"
+
+
+def save_npz_splits(splits: LoadedSplits, path: str) -> None:
+    """Write decoded splits as one NumPy archive that [`load_splits`] reads without `datasets` (for machines
+    without it, such as a GPU image): `{split}_images` uint8 `[N, C, H, W]`, `{split}_labels` int64 `[N]` for the
+    training split "train" and the evaluation split, and `class_names`."""
+    arrays = {"class_names": np.array([splits.id2label[index] for index in sorted(splits.id2label)])}
+    for name, split in (("train", splits.train), (splits.eval_split, splits.eval)):
+        if split is not None:
+            arrays[f"{name}_images"] = split.images.cpu().numpy()
+            arrays[f"{name}_labels"] = split.labels.cpu().numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".partial.npz"
+    np.savez_compressed(partial, **arrays)
+    os.replace(partial, path)
+
+
+def load_npz_splits(
+    path: str,
+    train_split: str | None,
+    eval_split: str | None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> LoadedSplits:
+    """Splits from an archive of [`save_npz_splits`]; `eval_split` "auto" takes "test", else "validation".
+    Subsets (`max_*_samples`) are the first examples of a permutation fixed by `seed`."""
+    if not os.path.isfile(path):
+        raise DataError(f"data archive {path!r} does not exist")
+    try:
+        archive = dict(np.load(path, allow_pickle=False))
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read data archive {path!r}: {error}") from error
+    available = sorted(key[: -len("_images")] for key in archive if key.endswith("_images"))
+    if eval_split == "auto":
+        eval_split = next((name for name in ("test", "validation") if name in available), None)
+        if eval_split is None:
+            raise DataError(f"{path!r} has no 'test' or 'validation' split (splits: {available})")
+    if "class_names" not in archive:
+        raise DataError(f"{path!r} has no class_names: write it with capsnet_hf.data.save_npz_splits")
+    names = [str(name) for name in archive["class_names"]]
+    if num_classes is not None and len(names) != num_classes:
+        raise DataError(f"{path!r} has {len(names)} classes but the model has {num_classes}")
+    num_classes = len(names)
+    id2label = dict(enumerate(names))
+
+    def split(name: str | None, limit: int | None) -> ImageTensorDataset | None:
+        if name is None:
+            return None
+        if f"{name}_images" not in archive or f"{name}_labels" not in archive:
+            raise DataError(f"{path!r} has no split {name!r} (splits: {available})")
+        images = torch.from_numpy(archive[f"{name}_images"])
+        labels = torch.from_numpy(archive[f"{name}_labels"]).long()
+        if images.dtype != torch.uint8 or images.dim() != 4 or labels.shape != images.shape[:1]:
+            raise DataError(f"split {name!r} of {path!r} is not uint8 [N, C, H, W] images with [N] labels")
+        if limit is not None:
+            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:limit]
+            images, labels = images[keep], labels[keep]
+        check_labels(labels, num_classes, f"split {name!r} of {path!r}")
+        return ImageTensorDataset(images, labels, id2label)
+
+    return LoadedSplits(
+        split(train_split, max_train_samples), split(eval_split, max_eval_samples), id2label, eval_split
+    )
+
+
 def load_splits(
     dataset_name: str,
     train_split: str | None,
@@ -404,9 +473,22 @@ def load_splits(
     3 if any image has colour, else 1). `num_classes` (a model's) bounds the labels; by default
     it is the `ClassLabel`'s number of names, else 1 + the largest training label. Subsets (`max_*_samples`) are the
     first examples after a shuffle fixed by `seed`, as in transformers' examples. Every problem raises `DataError`.
+    A path ending in `.npz` is an archive of [`save_npz_splits`], read without `datasets` (no resizing).
     """
     if resize_mode not in RESIZE_MODES:
         raise DataError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+    if str(dataset_name).endswith(NPZ_SUFFIX):
+        loaded = load_npz_splits(
+            dataset_name, train_split, eval_split, max_train_samples, max_eval_samples, num_classes, seed
+        )
+        for split in (loaded.train, loaded.eval):
+            if split is None:
+                continue
+            if image_size is not None and split.image_size != tuple(image_size):
+                raise DataError(f"{dataset_name!r} holds {list(split.image_size)} images, not {list(image_size)}")
+            if num_channels is not None and split.num_channels != num_channels:
+                raise DataError(f"{dataset_name!r} holds {split.num_channels}-channel images, not {num_channels}")
+        return loaded
     splits = load_dataset_dict(dataset_name, dataset_config_name)
     if eval_split == "auto":
         eval_split = next((name for name in ("test", "validation") if name in splits), None)
@@ -527,9 +609,11 @@ __all__ = [
     "epoch_permutation",
     "get_split",
     "load_dataset_dict",
+    "load_npz_splits",
     "load_paper_splits",
     "load_splits",
     "make_generator",
+    "save_npz_splits",
     "standardize_per_image",
     "translate_crop",
     "UsageError",

@@ -23,6 +23,7 @@ import torch
 from . import metrics
 from .cpu_routing_kernel import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
 from .data import PAPER_DATASETS, BatchTransform, UsageError, load_paper_splits, load_splits
+from .mixed_precision import MIXED_PRECISION_CHOICES, accelerate_device, describe, resolve_mixed_precision
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, id2label: dict[int, str]) -> dict[str, Any]:
@@ -128,7 +129,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_variants_per_digit", type=int, default=1, help="generated examples per test digit")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of generated data sets")
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    parser.add_argument(
+        "--mixed_precision",
+        choices=MIXED_PRECISION_CHOICES,
+        default="auto",
+        help="'auto' (default): bf16 where the device runs it natively, else float32 (capsnet_hf.mixed_precision)",
+    )
     parser.add_argument("--trust_remote_code", action="store_true", help="load models through their own code")
     parser.add_argument(
         "--cpu_routing_kernel",
@@ -189,7 +195,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     paths = args.ensemble or [args.model_name_or_path]
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    precision, precision_reason = resolve_mixed_precision(args.mixed_precision, accelerate_device())
+    accelerator = Accelerator(mixed_precision=precision)
+    if accelerator.is_main_process:
+        print(f"precision: {describe(precision)} ({precision_reason})", file=sys.stderr)  # stdout is the JSON
     models, processor = load_models(paths, args.trust_remote_code)
     kernel_notes = []
     for path, model in zip(paths, models, strict=True):

@@ -42,6 +42,7 @@ from .data import (
     load_splits,
     make_generator,
 )
+from .mixed_precision import MIXED_PRECISION_CHOICES, accelerate_device, describe, resolve_mixed_precision
 from .recipes import RECIPES, preset_defaults
 
 CHECKPOINT_DIR = "checkpoints"
@@ -131,9 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in MODEL_ARGUMENTS.items():
         add(f"--{name}", type=_bool if kind == "bool" else kind, default=None, help="CapsNetConfig." + name)
     add("--decoder_hidden_sizes", type=int, nargs="+", default=None, help="CapsNetConfig.decoder_hidden_sizes")
+    add(
+        "--config_overrides",
+        default=None,
+        help="any other config fields, transformers' convention: 'initializer_range=0.01,bias_init=0.0'",
+    )
     # Optimization.
     add("--num_train_epochs", type=int, default=3)
     add("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
+    add(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="also stop after the first step past this many minutes of training (the schedule is unchanged)",
+    )
     add("--per_device_train_batch_size", type=int, default=128)
     add("--per_device_eval_batch_size", type=int, default=256)
     add("--gradient_accumulation_steps", type=int, default=1)
@@ -142,7 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr_decay_steps", type=int, default=2000)
     add("--min_learning_rate", type=float, default=1e-6)
     add("--seed", type=int, default=42)
-    add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's config")
+    add("--torch_compile", action="store_true", help="train with torch.compile(model) (evaluation stays eager)")
+    add("--torch_compile_backend", default="inductor", help="backend of --torch_compile")
+    add("--torch_compile_mode", default=None, help="mode of --torch_compile (e.g. max-autotune)")
+    add(
+        "--mixed_precision",
+        choices=MIXED_PRECISION_CHOICES,
+        default="auto",
+        help="'auto' (default): bf16 where the device runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or "
+        "AMX), else float32 (capsnet_hf.mixed_precision); 'no', 'fp16', 'bf16' force it",
+    )
     add(
         "--cpu_routing_kernel",
         default="auto",
@@ -157,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume_from_checkpoint", default=None, help="'latest' (in --output_dir) or a checkpoint folder")
     add("--load_best_model_at_end", action="store_true", help="save the best-evaluating model, not the last")
     add("--logging_steps", type=int, default=50)
+    add("--eval_steps", type=int, default=None, help="evaluate every N steps (default: after every epoch)")
     add("--report_to", default="all", help="accelerate trackers: 'all' (installed ones), 'none', or names")
     add("--license", default="apache-2.0", help="license in the model card")
     add("--dataset_hub_id", default=None, help="Hub id of the data set for the card when --dataset_name is local")
@@ -203,6 +225,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if args.eval_steps is not None and args.eval_steps < 1:
+        parser.error(f"--eval_steps must be >= 1, got {args.eval_steps}")
+    if args.max_train_minutes is not None and not args.max_train_minutes > 0:
+        parser.error(f"--max_train_minutes must be > 0, got {args.max_train_minutes}")
+    if args.torch_compile and args.cpu_routing_kernel == "true":
+        parser.error("--torch_compile traces the torch path; it cannot be combined with --cpu_routing_kernel true")
     return args
 
 
@@ -305,6 +333,15 @@ def log_metrics(accelerator, output_dir: str, values: dict[str, Any], step: int)
             handle.write(json.dumps({"step": step, **values}) + "\n")
 
 
+def out_of_time(accelerator, deadline: float) -> bool:
+    """Whether `deadline` (time.time()) has passed; with several processes, as soon as it has for any of them, so
+    that all stop at the same step (one process asks no device, which would wait for the queued work)."""
+    late = time.time() >= deadline
+    if accelerator.num_processes == 1:
+        return late
+    return bool(accelerator.reduce(torch.tensor(float(late), device=accelerator.device), "max").item())
+
+
 def decayed_learning_rate_factor(step: int, args: argparse.Namespace) -> float:
     """Official schedule as a multiple of --learning_rate: rate^(step / decay_steps), floored at min_learning_rate."""
     factor = args.lr_decay_rate ** (step / args.lr_decay_steps)
@@ -343,14 +380,21 @@ def build_config(args: argparse.Namespace, num_channels: int, image_size: Sequen
                 f"{config.num_labels} classes; the data has {num_channels}x{list(image_size)} and {len(id2label)}"
             )
         config.id2label, config.label2id = id2label, {name: index for index, name in id2label.items()}
-        return config
-    return config_class(
-        num_channels=num_channels,
-        image_size=list(image_size),
-        id2label=id2label,
-        label2id={name: index for index, name in id2label.items()},
-        **values,
-    )
+    else:
+        config = config_class(
+            num_channels=num_channels,
+            image_size=list(image_size),
+            id2label=id2label,
+            label2id={name: index for index, name in id2label.items()},
+            **values,
+        )
+    if args.config_overrides:
+        try:
+            config.update_from_string(args.config_overrides)
+            type(config)(**config.to_dict())  # the same checks as a config built with these values
+        except (ValueError, TypeError) as error:
+            raise UsageError(f"--config_overrides {args.config_overrides!r}: {error}") from error
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -385,13 +429,16 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         BaselineCNNForImageClassification if args.model_type == "baseline_cnn" else CapsNetForImageClassification
     )
     started = time.time()
+    precision, precision_reason = resolve_mixed_precision(args.mixed_precision, accelerate_device())
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to.split(","),
         project_dir=args.output_dir,
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    accelerator.print(f"precision: {describe(precision)} ({precision_reason})")
+    args.mixed_precision = precision  # what ran, for the model card
     checkpoint = None
     if args.resume_from_checkpoint is not None:
         checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -460,8 +507,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = model_class.from_pretrained(args.model_name_or_path, config=config)
     else:
         model = model_class(config)
+    kernel_mode = "false" if args.torch_compile else args.cpu_routing_kernel  # compile traces the torch ops
     try:  # the baseline CNN has no class capsules: 'auto' leaves it alone, parse_args refuses 'true'
-        kernel_note = use_cpu_routing_kernel(model, args.cpu_routing_kernel, device)
+        kernel_note = use_cpu_routing_kernel(model, kernel_mode, device)
     except KernelBuildError as error:
         raise UsageError(f"--cpu_routing_kernel: {error}") from error
     if kernel_note:
@@ -475,6 +523,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     optimizer = create_optimizer(model.parameters(), args.learning_rate, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: decayed_learning_rate_factor(step, args))
     model, optimizer = accelerator.prepare(model, optimizer)
+    train_forward = model
+    if args.torch_compile:
+        train_forward = torch.compile(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
         if args.overwrite_output_dir and checkpoint is None:  # a fresh run: drop an earlier run's checkpoints
@@ -497,9 +548,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             [model], eval_data, eval_transform, accelerator, args.per_device_eval_batch_size
         )
         result = {**classification_metrics(scores, labels, id2label), "loss": loss, "step": step}
-        log_metrics(
-            accelerator, args.output_dir, {f"eval_{k}": result[k] for k in ("accuracy", "error_percent", "loss")}, step
-        )
+        values = {f"eval_{k}": result[k] for k in ("accuracy", "error_percent", "loss")}
+        log_metrics(accelerator, args.output_dir, {**values, "epoch": step / steps_per_epoch}, step)
         if state["best_accuracy"] is None or result["accuracy"] > state["best_accuracy"]:
             state["best_accuracy"], state["best_step"] = result["accuracy"], step
             if args.load_best_model_at_end:
@@ -516,6 +566,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     running = torch.zeros(3, device=device)  # loss, margin loss, reconstruction loss summed since the last log
     window_micro_batches, window_start = 0, time.time()
     order, last_result = EpochOrder(len(train_data), args.seed, device), None
+    deadline = None if args.max_train_minutes is None else time.time() + 60 * args.max_train_minutes
     for step in range(state["step"], max_train_steps):
         epoch, position = divmod(step, steps_per_epoch)
         model.train()
@@ -532,7 +583,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if "reconstruction_targets" in batch:
                 inputs["reconstruction_targets"] = batch["reconstruction_targets"].to(device)
             with accelerator.accumulate(model):
-                outputs = model(**inputs)
+                outputs = train_forward(**inputs)
                 accelerator.backward(outputs.loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -568,12 +619,17 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             window_micro_batches, window_start = 0, time.time()
 
         end_of_epoch = (step + 1) % steps_per_epoch == 0
-        if end_of_epoch or state["step"] == max_train_steps:
+        due = end_of_epoch if args.eval_steps is None else state["step"] % args.eval_steps == 0
+        if due or state["step"] == max_train_steps:
             last_result = evaluate(state["step"])
             accelerator.print(f"step {state['step']}: eval accuracy {last_result['accuracy']:.4f}")
         periodic = isinstance(args.checkpointing_steps, int) and state["step"] % args.checkpointing_steps == 0
         if periodic or (args.checkpointing_steps == "epoch" and end_of_epoch):
             save_checkpoint(accelerator, args.output_dir, state["step"], state, args.checkpoints_total_limit)
+        if deadline is not None and state["step"] < max_train_steps and out_of_time(accelerator, deadline):
+            accelerator.print(f"--max_train_minutes {args.max_train_minutes}: stopping after step {state['step']}")
+            max_train_steps = state["step"]
+            break
     progress.close()
     if last_result is None or last_result["step"] != max_train_steps:
         last_result = evaluate(max_train_steps)
@@ -599,6 +655,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "best_step": state["best_step"],
         "num_processes": world,
         "device": str(device),
+        "mixed_precision": precision,
     }
     eval_results = {"eval_" + key: value for key, value in last_result.items()}
     eval_results["eval_split"] = splits.eval_split

@@ -72,6 +72,7 @@ def test_eval_routes_with_the_cpu_kernel_by_default(trained, monkeypatch, capsys
     monkeypatch.setattr(CpuRoutingKernel, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
     dataset, model_dir = trained
     argv = ["--model_name_or_path", str(model_dir), "--dataset_name", dataset, "--per_device_eval_batch_size", "4"]
+    argv += ["--mixed_precision", "no"]  # the same float32 arithmetic on both paths
     torch_path = evaluate([*argv, "--cpu_routing_kernel", "false"])
     assert calls == []
     _reset_accelerate()
