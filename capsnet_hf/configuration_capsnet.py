@@ -78,6 +78,17 @@ class CapsNetConfig(PreTrainedConfig):
     """
 
     model_type = "capsnet"
+    # Trainer's evaluate()/predict() keep the logits only (the image-classification tutorial's metric takes them).
+    keys_to_ignore_at_inference = [
+        "capsule_lengths",
+        "capsule_poses",
+        "reconstructions",
+        "margin_loss",
+        "reconstruction_loss",
+        "primary_capsules",
+        "routing_weights",
+        "hidden_states",
+    ]
 
     def __init__(
         self,

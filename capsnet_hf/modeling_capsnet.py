@@ -212,12 +212,18 @@ class CapsNetModelOutput(ModelOutput):
             Squashed primary capsules, returned with `output_primary_capsules=True`.
         routing_weights (`torch.FloatTensor` of shape `(batch_size, num_primary_capsules, num_labels)`):
             Coupling coefficients c_ij of the last routing iteration, returned with `output_routing_weights=True`.
+        hidden_states (`tuple(torch.FloatTensor)`): with `output_hidden_states=True`, one tensor per stage: the
+            ReLU conv1 feature map `(batch_size, conv1_channels, height, width)`, the squashed primary capsules
+            `(batch_size, num_primary_capsules, primary_capsule_dim)` and the class capsules `(batch_size,
+            num_labels, capsule_dim)` (an ensemble stacks its members' at dim 1: copies, so only the class capsules
+            lie on the path to the logits there).
     """
 
     capsule_poses: torch.FloatTensor | None = None
     capsule_lengths: torch.FloatTensor | None = None
     primary_capsules: torch.FloatTensor | None = None
     routing_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -235,7 +241,7 @@ class CapsNetImageClassifierOutput(ImageClassifierOutput):
             width)`, one per present class in increasing class order (K = most classes present in one example;
             missing slots are zeros).
         margin_loss, reconstruction_loss: the two loss terms (reconstruction_loss unweighted), when `labels` is given.
-        primary_capsules, routing_weights: as in [`CapsNetModelOutput`], on request.
+        primary_capsules, routing_weights, hidden_states: as in [`CapsNetModelOutput`], on request.
     """
 
     capsule_lengths: torch.FloatTensor | None = None
@@ -405,13 +411,15 @@ class CapsNetEncoder(nn.Module):
         self.primary_capsules = CapsNetPrimaryCapsules(config)
         self.class_capsules = CapsNetClassCapsules(config)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, C, H, W] -> poses [B, J, K], primary capsules [B, I, A], coupling coefficients [B, J, I]."""
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, C, H, W] -> poses [B, J, K], primary capsules [B, I, A], coupling coefficients [B, J, I], and the
+        ReLU conv1 features [B, conv1_channels, H', W']."""
         # In place: conv1's output is a fresh tensor its backward does not need, and a second one (52 MB at batch
         # 128) would be fresh pages on every call on CPU.
-        primary_capsules = self.primary_capsules(F.relu(self.conv1(pixel_values), inplace=True))
+        features = F.relu(self.conv1(pixel_values), inplace=True)
+        primary_capsules = self.primary_capsules(features)
         poses, coupling = self.class_capsules(primary_capsules)
-        return poses, primary_capsules, coupling
+        return poses, primary_capsules, coupling, features
 
 
 class CapsNetDecoder(nn.Module):
@@ -438,6 +446,10 @@ class CapsNetPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
     input_modalities = ("image",)
+    # device_map="auto" may place whole encoders and the decoder, never split one.
+    _no_split_modules = ["CapsNetEncoder", "CapsNetDecoder"]
+    # The loss is a mean over the batch that ignores Trainer's num_items_in_batch: Trainer must scale it itself.
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -476,8 +488,8 @@ class CapsNetModel(CapsNetPreTrainedModel):
         pixel_values: torch.Tensor,
         output_primary_capsules: bool = False,
         output_routing_weights: bool = False,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> CapsNetModelOutput | tuple:
         """
         pixel_values [B, C, H, W] -> capsule_poses [B, J, K] ([B, M, J, K] for an ensemble), capsule_lengths
@@ -490,17 +502,20 @@ class CapsNetModel(CapsNetPreTrainedModel):
                 f"got {list(pixel_values.shape)} (use CapsNetImageProcessor to prepare images)"
             )
         if len(self.members) == 1:  # no member axis, and no stacked copies of the outputs
-            poses, primary, coupling = self.members[0](pixel_values)
+            poses, primary, coupling, features = self.members[0](pixel_values)
             lengths = capsule_length(poses, epsilon=self.config.squash_epsilon)
         else:
             results = [member(pixel_values) for member in self.members]
-            poses, primary, coupling = (torch.stack(parts, dim=1) for parts in zip(*results, strict=True))
+            poses, primary, coupling, features = (torch.stack(parts, dim=1) for parts in zip(*results, strict=True))
             lengths = capsule_length(poses, epsilon=self.config.squash_epsilon).mean(1)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         output = CapsNetModelOutput(
             capsule_poses=poses,
             capsule_lengths=lengths,
             primary_capsules=primary if output_primary_capsules else None,
             routing_weights=coupling.transpose(-1, -2) if output_routing_weights else None,
+            hidden_states=(features, primary, poses) if output_hidden_states else None,
         )
         use_return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if use_return_dict else output.to_tuple()
@@ -545,8 +560,8 @@ class CapsNetForImageClassification(CapsNetPreTrainedModel):
         reconstruction_targets: torch.Tensor | None = None,
         output_primary_capsules: bool = False,
         output_routing_weights: bool = False,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> CapsNetImageClassifierOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)` or multi-hot `(batch_size, num_labels)`, *optional*):
@@ -560,6 +575,7 @@ class CapsNetForImageClassification(CapsNetPreTrainedModel):
             pixel_values,
             output_primary_capsules=output_primary_capsules,
             output_routing_weights=output_routing_weights,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
         )
         lengths = outputs.capsule_lengths
@@ -611,6 +627,7 @@ class CapsNetForImageClassification(CapsNetPreTrainedModel):
             reconstruction_loss=recon_loss,
             primary_capsules=outputs.primary_capsules,
             routing_weights=outputs.routing_weights,
+            hidden_states=outputs.hidden_states,
         )
         use_return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if use_return_dict else output.to_tuple()
