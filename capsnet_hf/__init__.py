@@ -5,6 +5,7 @@ and marks them for export so that `save_pretrained` writes the code and an `auto
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
 from .baseline_cnn import BaselineCNNConfig, BaselineCNNForImageClassification
 from .configuration_capsnet import CapsNetConfig
@@ -24,6 +25,9 @@ AutoModelForImageClassification.register(CapsNetConfig, CapsNetForImageClassific
 AutoConfig.register(BaselineCNNConfig.model_type, BaselineCNNConfig, exist_ok=True)
 AutoModelForImageClassification.register(BaselineCNNConfig, BaselineCNNForImageClassification, exist_ok=True)
 AutoImageProcessor.register(CapsNetConfig, image_processor_classes={"pil": CapsNetImageProcessor}, exist_ok=True)
+# No video processor: without this entry, pipeline()'s video-processor probe guesses one from the image processor's
+# remote-code entry and asks whether to run custom code, although the installed package has everything.
+VIDEO_PROCESSOR_MAPPING.register(CapsNetConfig, None, exist_ok=True)
 
 CapsNetConfig.register_for_auto_class()
 CapsNetModel.register_for_auto_class("AutoModel")

@@ -108,3 +108,37 @@ def test_trainer_evaluates_and_predicts_with_the_tutorial_metric(tmp_path):
     prediction = reloaded.predict(test.with_transform(transform))
     assert prediction.predictions.shape == (64, 10)  # the logits alone, no capsules or reconstructions
     assert prediction.metrics["test_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+
+
+def test_pipeline_in_a_terminal_never_asks_to_run_custom_code(tmp_path):
+    """In a pseudo-terminal (where transformers would prompt and wait 15 s), with capsnet_hf imported."""
+    import os
+    import pty
+    import sys
+    import time
+
+    model = CapsNetForImageClassification(small_config())
+    model.save_pretrained(tmp_path / "model")
+    CapsNetImageProcessor.from_model_config(model.config).save_pretrained(tmp_path / "model")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import capsnet_hf\nfrom transformers import pipeline\n"
+        f"classifier = pipeline('image-classification', model={str(tmp_path / 'model')!r})\n"
+        "print('LOADED', type(classifier.image_processor).__name__, flush=True)\n"
+    )
+    pid, descriptor = pty.fork()
+    if pid == 0:  # the child: a fresh interpreter on the terminal
+        os.execvpe(sys.executable, [sys.executable, str(script)], {**os.environ, "HF_HUB_OFFLINE": "1"})
+    output, started = b"", time.time()
+    while time.time() - started < 120:
+        try:
+            chunk = os.read(descriptor, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert "LOADED CapsNetImageProcessor" in text
+    assert "custom code" not in text and "[y/N]" not in text
