@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from transformers import PreTrainedConfig
 
 PADDING_MODES = ("valid", "same")
@@ -13,6 +15,10 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModelForImageClassification": "modeling_capsnet.CapsNetForImageClassification",
     "AutoImageProcessor": "image_processing_capsnet.CapsNetImageProcessor",
 }
+
+
+def _is_positive_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def conv_output_size(size: int, kernel_size: int, stride: int, padding: str) -> int:
@@ -157,7 +163,29 @@ class CapsNetConfig(PreTrainedConfig):
         self.num_ensemble_members = num_ensemble_members
         self._validate_capsnet()
 
+    POSITIVE_SIZES = (
+        "num_channels",
+        "conv1_channels",
+        "conv1_kernel_size",
+        "primary_capsule_types",
+        "primary_capsule_dim",
+        "primary_kernel_size",
+        "primary_stride",
+        "capsule_dim",
+        "routing_iterations",
+        "num_ensemble_members",
+    )
+
     def _validate_capsnet(self) -> None:
+        for name in self.POSITIVE_SIZES:
+            value = getattr(self, name)
+            if not _is_positive_integer(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        sizes = self.decoder_hidden_sizes
+        if not all(_is_positive_integer(size) for size in sizes):
+            raise ValueError(f"decoder_hidden_sizes must be positive integers, got {sizes!r}")
+        if not self.squash_epsilon > 0 or self.squash_epsilon == float("inf"):
+            raise ValueError(f"squash_epsilon must be a positive number, got {self.squash_epsilon!r}")
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"image_size must be a positive int or (height, width), got {self.image_size}")
         if self.padding not in PADDING_MODES:
@@ -166,10 +194,6 @@ class CapsNetConfig(PreTrainedConfig):
             raise ValueError(
                 f"margin_loss_reduction must be one of {MARGIN_LOSS_REDUCTIONS}, got {self.margin_loss_reduction!r}"
             )
-        if self.routing_iterations < 1:
-            raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
-        if self.num_ensemble_members < 1:
-            raise ValueError(f"num_ensemble_members must be >= 1, got {self.num_ensemble_members}")
         if self.num_ensemble_members > 1 and self.use_decoder:
             raise ValueError("an ensemble (num_ensemble_members > 1) has no decoder: set use_decoder=False")
         if min(self.primary_grid_size) < 1:

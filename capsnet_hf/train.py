@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -199,7 +200,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     presets, _ = pre.parse_known_args(argv)
     known = {action.dest for action in parser._actions} - {"help", "recipe", "config_file"}
     try:
-        parser.set_defaults(**preset_defaults(presets.recipe, presets.config_file, known))
+        parser.set_defaults(**checked_presets(parser, preset_defaults(presets.recipe, presets.config_file, known)))
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     args = parser.parse_args(argv)
@@ -222,16 +223,94 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--cpu_routing_kernel applies to CapsNet models, not --model_type {args.model_type}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id org/name")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.eval_steps is not None and args.eval_steps < 1:
-        parser.error(f"--eval_steps must be >= 1, got {args.eval_steps}")
-    if args.max_train_minutes is not None and not args.max_train_minutes > 0:
-        parser.error(f"--max_train_minutes must be > 0, got {args.max_train_minutes}")
+    problem = out_of_range(args)
+    if problem:
+        parser.error(problem)
     if args.torch_compile and args.cpu_routing_kernel == "true":
         parser.error("--torch_compile traces the torch path; it cannot be combined with --cpu_routing_kernel true")
     return args
+
+
+# Flags that must be >= 1 when given.
+POSITIVE_INTEGER_FLAGS = (
+    "num_train_epochs",
+    "max_train_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "lr_decay_steps",
+    "logging_steps",
+    "eval_steps",
+    "max_train_samples",
+    "max_eval_samples",
+    "variants_per_digit",
+    "eval_variants_per_digit",
+)
+# Numeric flags and their intervals as (low, high, "[)"-style brackets); NaN is outside every interval.
+NUMBER_RANGES = {
+    "learning_rate": (0.0, math.inf, "()"),
+    "min_learning_rate": (0.0, math.inf, "[)"),
+    "lr_decay_rate": (0.0, 1.0, "(]"),
+    "train_val_split": (0.0, 1.0, "()"),
+    "max_train_minutes": (0.0, math.inf, "()"),
+    "max_brightness_delta": (0.0, math.inf, "[)"),
+    "max_shift": (0, math.inf, "[)"),
+    "checkpoints_total_limit": (0, math.inf, "[)"),
+}
+
+
+def out_of_range(args: argparse.Namespace) -> str | None:
+    """The first flag whose value is outside its range, as an error message, or None."""
+    for name in POSITIVE_INTEGER_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name} must be a positive integer, got {value}"
+    if args.image_size is not None and min(args.image_size) < 1:
+        return f"--image_size must be positive, got {args.image_size}"
+    for name, (low, high, brackets) in NUMBER_RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        above = value >= low if brackets[0] == "[" else value > low
+        below = value <= high if brackets[1] == "]" else value < high
+        if not (above and below):
+            return f"--{name} must lie in {brackets[0]}{low}, {high}{brackets[1]}, got {value}"
+    return None
+
+
+def checked_presets(parser: argparse.ArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
+    """Recipe and --config_file values through the command line's type and choice checks (argparse checks neither
+    for defaults); a ValueError names the flag."""
+    actions = {action.dest: action for action in parser._actions}
+    checked = {}
+    for name, value in values.items():
+        action = actions[name]
+        flag = f"--config_file/--recipe value of {action.option_strings[0]}"
+        if action.nargs == 0:  # store_true
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, got {value!r}")
+            checked[name] = value
+            continue
+        many = action.nargs is not None and action.nargs != "?"
+        items = list(value) if many and isinstance(value, (list, tuple)) else [value]
+        if isinstance(action.nargs, int) and len(items) != action.nargs:
+            raise ValueError(f"{flag} takes {action.nargs} values, got {value!r}")
+        for index, item in enumerate(items):
+            if action.type is int and (isinstance(item, bool) or not isinstance(item, int)):
+                raise ValueError(f"{flag} must be an integer, got {item!r}")
+            if action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
+                raise ValueError(f"{flag} must be a number, got {item!r}")
+            if action.type is _bool:
+                try:
+                    items[index] = item = _bool(item if isinstance(item, bool) else str(item))
+                except argparse.ArgumentTypeError as error:
+                    raise ValueError(f"{flag}: {error}") from error
+            if isinstance(item, (list, dict)):
+                raise ValueError(f"{flag} must be a single value, got {item!r}")
+            if action.choices is not None and item not in action.choices:
+                raise ValueError(f"{flag} must be one of {list(action.choices)}, got {item!r}")
+        checked[name] = items if many else items[0]
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------------------------------

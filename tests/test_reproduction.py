@@ -132,7 +132,7 @@ def test_config_overrides_set_any_field_and_are_checked(tmp_path, capsys):
     assert config["initializer_range"] == 0.02 and config["bias_init"] == 0.0
     for overrides, message in (
         ("no_such_field=1", "isn't in the original config"),
-        ("routing_iterations=0", "routing_iterations must be >= 1"),
+        ("routing_iterations=0", "routing_iterations must be a positive integer"),
         ("capsule_dim=abc", "invalid literal"),
     ):
         code = main(tiny_args(dataset, tmp_path / "bad", "--max_train_steps", "1", "--config_overrides", overrides))

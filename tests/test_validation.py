@@ -1,0 +1,89 @@
+"""Bad input is refused at the boundary, before any work, with one line naming the problem: model sizes in
+CapsNetConfig, capsnet-train's numeric flags, and --config_file values (the command line's type and choice checks)."""
+
+import json
+
+import pytest
+
+from capsnet_hf import CapsNetConfig
+from capsnet_hf.train import parse_args
+
+
+@pytest.mark.parametrize("name", CapsNetConfig.POSITIVE_SIZES)
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_every_model_size_must_be_a_positive_integer(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        CapsNetConfig(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"decoder_hidden_sizes": [512, 0]}, "decoder_hidden_sizes must be positive integers"),
+        ({"squash_epsilon": 0.0}, "squash_epsilon must be a positive number"),
+        ({"squash_epsilon": float("nan")}, "squash_epsilon must be a positive number"),
+        ({"image_size": 0}, "image_size must be a positive int"),
+    ],
+)
+def test_other_model_values_are_checked(values, message):
+    with pytest.raises(ValueError, match=message):
+        CapsNetConfig(**values)
+
+
+BASE = ["--dataset_name", "x", "--output_dir", "y"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_train_steps", "-5"], "--max_train_steps must be a positive integer, got -5"),
+        (["--lr_decay_steps", "0"], "--lr_decay_steps must be a positive integer"),
+        (["--logging_steps", "0"], "--logging_steps must be a positive integer"),
+        (["--image_size", "0"], "--image_size must be positive"),
+        (["--learning_rate=-1e-3"], "--learning_rate must lie in (0.0, inf)"),
+        (["--learning_rate", "nan"], "--learning_rate must lie in (0.0, inf), got nan"),
+        (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must lie in [0, inf)"),
+        (["--train_val_split", "1.0"], "--train_val_split must lie in (0.0, 1.0)"),
+        (["--lr_decay_rate", "1.5"], "--lr_decay_rate must lie in (0.0, 1.0]"),
+        (["--max_shift", "-2"], "--max_shift must lie in [0, inf)"),
+    ],
+)
+def test_training_flags_out_of_range_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*BASE, *flags])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and error.startswith("capsnet-train: error: ") and message in error
+
+
+def test_in_range_values_pass():
+    args = parse_args([*BASE, "--lr_decay_rate", "1.0", "--checkpoints_total_limit", "0", "--max_shift", "0"])
+    assert args.lr_decay_rate == 1.0 and args.checkpoints_total_limit == 0
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"augmentation": "bogus"}, "--augmentation must be one of ['none', 'shift', 'cifar'], got 'bogus'"),
+        ({"model_type": "resnet"}, "--model_type must be one of ['capsnet', 'baseline_cnn'], got 'resnet'"),
+        ({"per_device_train_batch_size": 1.5}, "--per_device_train_batch_size must be an integer, got 1.5"),
+        ({"learning_rate": "fast"}, "--learning_rate must be a number, got 'fast'"),
+        ({"use_decoder": "maybe"}, "expected a boolean"),
+        ({"overwrite_output_dir": "yes"}, "--overwrite_output_dir must be true or false"),
+        ({"contrast_range": [0.5]}, "--contrast_range takes 2 values"),
+        ({"learning_rate": -1.0}, "--learning_rate must lie in (0.0, inf)"),
+    ],
+)
+def test_config_file_values_get_the_command_line_checks(tmp_path, capsys, values, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*BASE, "--config_file", str(path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and error.startswith("capsnet-train: error: ") and message in error
+
+
+def test_config_file_values_of_the_right_types_are_taken(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("use_decoder: false\nimage_size: [28, 28]\ncheckpointing_steps: 500\nmax_shift: 1\n")
+    args = parse_args([*BASE, "--config_file", str(path)])
+    assert args.use_decoder is False and args.image_size == [28, 28] and args.checkpointing_steps == 500
