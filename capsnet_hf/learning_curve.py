@@ -51,9 +51,11 @@ def read_curve(run: str) -> Curve:
 
 
 def markdown_table(curves: Mapping[str, Curve], published: Mapping[str, Curve]) -> str:
-    """One row per epoch of the runs (whole epochs and the last), one column per run and per published curve
-    (published values only at the epochs their authors give)."""
-    epochs = sorted({epoch for curve in curves.values() for epoch in curve})
+    """One row per epoch evaluated in a run or given by a published curve (up to the runs' last epoch), one column
+    per run and per published curve."""
+    epochs = {epoch for curve in curves.values() for epoch in curve}
+    last = max(epochs)
+    epochs = sorted(epochs | {epoch for curve in published.values() for epoch in curve if epoch <= last})
     names = list(curves) + list(published)
     lines = ["| epoch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for epoch in epochs:

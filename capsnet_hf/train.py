@@ -615,7 +615,14 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters)
 
     # ---- Resume: model, optimizer, scheduler, RNG states, and the loop's position ----
-    state = {"step": 0, "best_accuracy": None, "best_step": None, "last_eval": None, "train_examples_seen": 0}
+    state = {
+        "step": 0,
+        "best_accuracy": None,
+        "best_step": None,
+        "last_eval": None,
+        "train_examples_seen": 0,
+        "train_seconds": 0.0,  # of the earlier segments of a resumed run
+    }
     if checkpoint is not None:
         accelerator.load_state(checkpoint)
         with open(os.path.join(checkpoint, TRAINING_STATE_FILE), encoding="utf-8") as handle:
@@ -704,7 +711,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accelerator.print(f"step {state['step']}: eval accuracy {last_result['accuracy']:.4f}")
         periodic = isinstance(args.checkpointing_steps, int) and state["step"] % args.checkpointing_steps == 0
         if periodic or (args.checkpointing_steps == "epoch" and end_of_epoch):
-            save_checkpoint(accelerator, args.output_dir, state["step"], state, args.checkpoints_total_limit)
+            saved = {**state, "train_seconds": state["train_seconds"] + time.time() - started}
+            save_checkpoint(accelerator, args.output_dir, state["step"], saved, args.checkpoints_total_limit)
         if deadline is not None and state["step"] < max_train_steps and out_of_time(accelerator, deadline):
             accelerator.print(f"--max_train_minutes {args.max_train_minutes}: stopping after step {state['step']}")
             max_train_steps = state["step"]
@@ -712,7 +720,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     progress.close()
     if last_result is None or last_result["step"] != max_train_steps:
         last_result = evaluate(max_train_steps)
-    train_seconds = time.time() - started
+    train_seconds = state["train_seconds"] + time.time() - started  # all segments of a resumed run
 
     # ---- Save the model folder (written aside, moved into place), results and card; push ----
     accelerator.wait_for_everyone()

@@ -260,3 +260,13 @@ def test_reproduce_paper_bad_input_is_one_line(tmp_path):
         f"reproduce_paper.py: error: --data {str(tmp_path / 'none.npz')!r} does not exist (write it with --prepare_data)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_torch_compile_trains_through_dynamo(tmp_path):
+    """--torch_compile traces the training forward (eager backend here: dynamo's graph capture without a compiler)."""
+    dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8}, size=(16, 16))
+    argv = tiny_args(dataset, tmp_path / "out", "--max_train_steps", "2", "--mixed_precision", "no")
+    compiled = train([*argv, "--torch_compile", "--torch_compile_backend", "eager"])
+    assert compiled["train_steps"] == 2 and compiled["eval_num_examples"] == 8
+    with pytest.raises(SystemExit):
+        main([*argv, "--torch_compile", "--cpu_routing_kernel", "true"])
