@@ -431,7 +431,10 @@ def measure_parity(folder: Path, reference: ParityReference) -> dict[str, float]
 def parity_error(parity: dict[str, float]) -> float:
     """The difference judged against `--tolerance`: lengths, poses and reconstructions, which are bounded. The
     logits are reported but not judged: logit(p) has slope 1/(p(1-p)), so a 1e-7 difference in a length of
-    0.9999 becomes 1e-3 in its logit without any error in the conversion."""
+    0.9999 becomes 1e-3 in its logit without any error in the conversion. Any NaN or infinity is an infinite
+    error (a NaN compared with the tolerance would pass)."""
+    if not all(math.isfinite(value) for value in parity.values()):
+        return math.inf
     return max(value for name, value in parity.items() if name != "logits")
 
 

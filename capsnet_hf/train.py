@@ -689,6 +689,12 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         if state["step"] % args.logging_steps == 0 or state["step"] == max_train_steps:
             means = (accelerator.reduce(running, "mean") / window_micro_batches).tolist()
+            if not math.isfinite(means[0]):
+                progress.close()  # the message on a line of its own
+                raise UsageError(
+                    f"the training loss became {means[0]} by step {state['step']} (is the learning rate too high?); "
+                    "training stopped and no model was saved"
+                )
             images = window_micro_batches * args.per_device_train_batch_size * world
             values = {
                 "train_loss": means[0],
@@ -725,6 +731,11 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # ---- Save the model folder (written aside, moved into place), results and card; push ----
     accelerator.wait_for_everyone()
     final_model = accelerator.unwrap_model(model)
+    broken = [name for name, parameter in final_model.named_parameters() if not parameter.isfinite().all()]
+    if broken or not math.isfinite(last_result.get("loss") or 0.0):
+        raise UsageError(
+            f"the trained model is not finite ({', '.join(broken[:3]) or 'evaluation loss'}); no model was saved"
+        )
     if args.load_best_model_at_end and state["best_step"] != last_result["step"]:
         final_model = model_class.from_pretrained(os.path.join(args.output_dir, CHECKPOINT_DIR, BEST_MODEL_DIR))
         final_model.to(device)

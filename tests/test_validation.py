@@ -87,3 +87,32 @@ def test_config_file_values_of_the_right_types_are_taken(tmp_path):
     path.write_text("use_decoder: false\nimage_size: [28, 28]\ncheckpointing_steps: 500\nmax_shift: 1\n")
     args = parse_args([*BASE, "--config_file", str(path)])
     assert args.use_decoder is False and args.image_size == [28, 28] and args.checkpointing_steps == 500
+
+
+def test_a_diverging_run_stops_and_publishes_nothing(tmp_path, capsys):
+    from accelerate.state import AcceleratorState, GradientState
+    from test_data import write_dataset
+    from test_train import tiny_args
+
+    from capsnet_hf.train import main
+
+    dataset = write_dataset(tmp_path / "data", {"train": 32, "test": 8}, size=(16, 16))
+    argv = tiny_args(dataset, tmp_path / "out", "--max_train_steps", "6", "--learning_rate", "1e9")
+    try:
+        assert main(argv) == 2
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error.startswith("capsnet-train: error: ") and "no model was saved" in error
+    assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "README.md").exists()
+
+
+def test_conversion_parity_with_nan_is_an_error():
+    import math
+
+    from capsnet_hf.convert_official import parity_error
+
+    assert parity_error({"lengths": 1e-6, "poses": 2e-6, "logits": 5e-3}) == 2e-6
+    for parity in ({"lengths": math.nan, "poses": 0.0}, {"poses": 0.0, "lengths": math.nan}, {"logits": math.inf}):
+        assert parity_error({"poses": 0.0, **parity}) == math.inf
