@@ -191,13 +191,18 @@ def margin_loss(
     absent = downweight * (1.0 - targets) * F.relu(capsule_lengths - margin_negative).pow(2)
     per_class = present + absent
     if reduction == "paper":
-        return per_class.sum(-1).mean()
-    return 0.5 * per_class.mean()
+        return batch_mean(per_class.sum(-1))
+    return 0.5 * batch_mean(per_class.mean(-1))
 
 
 def reconstruction_loss(reconstructions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-image sum of squared errors, averaged over the batch (section 4.1). Any shape [B, ...]."""
-    return (reconstructions.float() - targets.float()).pow(2).flatten(1).sum(-1).mean()
+    return batch_mean((reconstructions.float() - targets.float()).pow(2).flatten(1).sum(-1))
+
+
+def batch_mean(per_example: torch.Tensor) -> torch.Tensor:
+    """Mean of per-example values [B]; 0 for an empty batch (whose loss then adds nothing), not NaN."""
+    return per_example.sum() / max(per_example.shape[0], 1)
 
 
 @dataclass
@@ -495,12 +500,18 @@ class CapsNetModel(CapsNetPreTrainedModel):
         pixel_values [B, C, H, W] -> capsule_poses [B, J, K] ([B, M, J, K] for an ensemble), capsule_lengths
         [B, J]; optionally primary_capsules [B, I, A] and routing_weights [B, I, J] (member axis at dim 1 likewise).
         """
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor of values in 0..1 (as CapsNetImageProcessor makes), "
+                f"got {pixel_values.dtype}"
+            )
         expected = (self.config.num_channels, *self.config.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values must have shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] for this model, "
                 f"got {list(pixel_values.shape)} (use CapsNetImageProcessor to prepare images)"
             )
+        pixel_values = pixel_values.to(self.members[0].conv1.weight.dtype)  # float64 inputs, for example
         if len(self.members) == 1:  # no member axis, and no stacked copies of the outputs
             poses, primary, coupling, features = self.members[0](pixel_values)
             lengths = capsule_length(poses, epsilon=self.config.squash_epsilon)

@@ -116,3 +116,22 @@ def test_conversion_parity_with_nan_is_an_error():
     assert parity_error({"lengths": 1e-6, "poses": 2e-6, "logits": 5e-3}) == 2e-6
     for parity in ({"lengths": math.nan, "poses": 0.0}, {"poses": 0.0, "lengths": math.nan}, {"logits": math.inf}):
         assert parity_error({"poses": 0.0, **parity}) == math.inf
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_model_inputs_dtypes_and_empty_batches(kernel):
+    import torch
+    from conftest import small_config
+
+    from capsnet_hf import CapsNetForImageClassification, enable_cpu_routing_kernel
+
+    model = CapsNetForImageClassification(small_config()).eval()
+    if kernel:
+        enable_cpu_routing_kernel(model)
+    pixels = torch.rand(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="pixel_values must be a floating-point tensor .* got torch.uint8"):
+        model((pixels * 255).to(torch.uint8))
+    torch.testing.assert_close(model(pixels.double()).logits, model(pixels).logits)
+    empty = model(torch.rand(0, 1, 16, 16), labels=torch.zeros(0, dtype=torch.long))
+    assert empty.logits.shape == (0, 4) and empty.reconstructions.shape == (0, 1, 16, 16)
+    assert empty.loss.item() == 0.0 and empty.margin_loss.item() == 0.0
