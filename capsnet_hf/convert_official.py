@@ -48,6 +48,7 @@ from .configuration_capsnet import CapsNetConfig, conv_output_size
 from .hub import push_folder_to_hub, render_model_card
 from .image_processing_capsnet import CapsNetImageProcessor
 from .modeling_capsnet import LOGIT_EPSILON, CapsNetForImageClassification
+from .output_files import give_usual_file_modes
 from .tf_checkpoint import CheckpointError, TFCheckpointReader
 
 OFFICIAL_REPOSITORY = "https://github.com/Sarasra/models/tree/master/research/capsules"
@@ -566,6 +567,7 @@ def convert(
         )
         if output_dir.exists():
             shutil.rmtree(output_dir)
+        give_usual_file_modes(staging)
         os.replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

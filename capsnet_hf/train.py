@@ -44,6 +44,7 @@ from .data import (
     make_generator,
 )
 from .mixed_precision import MIXED_PRECISION_CHOICES, accelerate_device, describe, resolve_mixed_precision
+from .output_files import give_usual_file_modes
 from .recipes import RECIPES, preset_defaults
 
 CHECKPOINT_DIR = "checkpoints"
@@ -841,6 +842,7 @@ def save_model_folder(
             figure=figure,
         )
         card.save(os.path.join(partial, "README.md"))
+    give_usual_file_modes(partial)
     for name in os.listdir(partial):
         target = os.path.join(args.output_dir, name)
         if os.path.isdir(target):

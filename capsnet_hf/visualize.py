@@ -28,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .data import IMAGE_COLUMN_CANDIDATES, LABEL_COLUMN_CANDIDATES, DataError, detect_column
+from .output_files import usual_file_mode
 
 FIGURES = ("reconstructions", "perturbation", "multimnist", "routing")
 PERTURBATION_STEPS = tuple(round(-0.25 + 0.05 * step, 2) for step in range(11))  # -0.25, -0.20, ..., 0.25
@@ -258,9 +259,7 @@ def save_png(figure: Figure, path: str | os.PathLike, dpi: int = DEFAULT_DPI) ->
     os.close(handle)
     try:
         figure.savefig(temporary, format="png", dpi=dpi)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(temporary, usual_file_mode())  # mkstemp creates 0600
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

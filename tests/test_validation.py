@@ -135,3 +135,19 @@ def test_model_inputs_dtypes_and_empty_batches(kernel):
     empty = model(torch.rand(0, 1, 16, 16), labels=torch.zeros(0, dtype=torch.long))
     assert empty.logits.shape == (0, 4) and empty.reconstructions.shape == (0, 1, 16, 16)
     assert empty.loss.item() == 0.0 and empty.margin_loss.item() == 0.0
+
+
+def test_saved_weights_have_the_folders_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    from test_data import write_dataset
+    from test_train import tiny_args
+
+    from capsnet_hf.output_files import usual_file_mode
+    from capsnet_hf.train import train
+
+    dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8}, size=(16, 16))
+    train(tiny_args(dataset, tmp_path / "out", "--max_train_steps", "1"))
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) for name in os.listdir(tmp_path / "out")}
+    assert modes["model.safetensors"] == modes["config.json"] == usual_file_mode()
