@@ -21,3 +21,27 @@ def give_usual_file_modes(folder: str | os.PathLike) -> None:
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False):
             os.chmod(entry.path, mode)
+
+
+LOCK_FILE = ".capsnet.lock"
+
+
+def lock_output_dir(folder: str | os.PathLike, command: str):
+    """Create `folder` if needed and hold an exclusive lock on it for this process's life (the returned handle):
+    two runs into one folder would interleave their logs and checkpoints. Raises PermissionError if the folder is
+    not writable and BlockingIOError naming the holder if another process holds the lock."""
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise BlockingIOError(f"{os.fspath(folder)!r} is in use by {holder}") from None
+    handle.truncate(0)
+    handle.write(f"{command} (pid {os.getpid()})\n")
+    handle.flush()
+    return handle

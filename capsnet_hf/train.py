@@ -44,7 +44,7 @@ from .data import (
     make_generator,
 )
 from .mixed_precision import MIXED_PRECISION_CHOICES, accelerate_device, describe, resolve_mixed_precision
-from .output_files import give_usual_file_modes
+from .output_files import LOCK_FILE, give_usual_file_modes, lock_output_dir
 from .recipes import RECIPES, preset_defaults
 
 CHECKPOINT_DIR = "checkpoints"
@@ -54,7 +54,7 @@ TRAINING_STATE_FILE = "training_state.json"
 LOG_FILE = "training_log.jsonl"
 TRACKER_PROJECT = "capsnet"
 # Files of an output folder that are not published with the model.
-NOT_PUBLISHED = (f"{CHECKPOINT_DIR}/*", f"{TRACKER_PROJECT}/*", LOG_FILE)
+NOT_PUBLISHED = (f"{CHECKPOINT_DIR}/*", f"{TRACKER_PROJECT}/*", LOG_FILE, LOCK_FILE)
 # CapsNetConfig fields settable from the command line (None: keep the config's default or the pretrained value).
 MODEL_ARGUMENTS: dict[str, Any] = {
     "conv1_channels": int,
@@ -608,9 +608,12 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_forward = torch.compile(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
+        try:  # before the first step: a folder we cannot write, or one that another run is writing
+            output_lock = lock_output_dir(args.output_dir, "capsnet-train")  # noqa: F841 (held until exit)
+        except (BlockingIOError, PermissionError, FileExistsError, NotADirectoryError) as error:
+            raise UsageError(f"--output_dir: {error}") from error
         if args.overwrite_output_dir and checkpoint is None:  # a fresh run: drop an earlier run's checkpoints
             shutil.rmtree(os.path.join(args.output_dir, CHECKPOINT_DIR), ignore_errors=True)
-        os.makedirs(args.output_dir, exist_ok=True)
     if args.report_to != "none":
         hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters)

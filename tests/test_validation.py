@@ -151,3 +151,26 @@ def test_saved_weights_have_the_folders_usual_file_mode(tmp_path):
     train(tiny_args(dataset, tmp_path / "out", "--max_train_steps", "1"))
     modes = {name: stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) for name in os.listdir(tmp_path / "out")}
     assert modes["model.safetensors"] == modes["config.json"] == usual_file_mode()
+
+
+def test_an_output_folder_in_use_or_not_writable_is_refused_before_training(tmp_path, capsys):
+    import os
+
+    from test_data import write_dataset
+    from test_train import tiny_args
+
+    from capsnet_hf.output_files import lock_output_dir
+    from capsnet_hf.train import main
+
+    dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8}, size=(16, 16))
+    held = lock_output_dir(tmp_path / "busy", "capsnet-train")  # as a run in progress holds it
+    try:
+        assert main(tiny_args(dataset, tmp_path / "busy", "--max_train_steps", "1")) == 2
+    finally:
+        held.close()
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error.startswith("capsnet-train: error: --output_dir:") and "in use by capsnet-train (pid" in error
+    assert os.listdir(tmp_path / "busy") == [".capsnet.lock"]
+    (tmp_path / "file").write_text("not a folder")
+    assert main(tiny_args(dataset, tmp_path / "file" / "out", "--max_train_steps", "1")) == 2
+    assert "capsnet-train: error: --output_dir:" in capsys.readouterr().err
