@@ -690,6 +690,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         state["step"] = step + 1
         state["train_examples_seen"] = state["train_examples_seen"] + examples_per_step
         progress.update(1)
+        if deadline is not None and state["step"] < max_train_steps and out_of_time(accelerator, deadline):
+            accelerator.print(f"--max_train_minutes {args.max_train_minutes}: stopping after step {state['step']}")
+            max_train_steps = state["step"]  # this step is the last: it logs, evaluates and ends the loop
 
         if state["step"] % args.logging_steps == 0 or state["step"] == max_train_steps:
             means = (accelerator.reduce(running, "mean") / window_micro_batches).tolist()
@@ -723,9 +726,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if periodic or (args.checkpointing_steps == "epoch" and end_of_epoch):
             saved = {**state, "train_seconds": state["train_seconds"] + time.time() - started}
             save_checkpoint(accelerator, args.output_dir, state["step"], saved, args.checkpoints_total_limit)
-        if deadline is not None and state["step"] < max_train_steps and out_of_time(accelerator, deadline):
-            accelerator.print(f"--max_train_minutes {args.max_train_minutes}: stopping after step {state['step']}")
-            max_train_steps = state["step"]
+        if state["step"] == max_train_steps:
             break
     progress.close()
     if last_result is None or last_result["step"] != max_train_steps:

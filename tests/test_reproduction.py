@@ -149,6 +149,7 @@ def test_max_train_minutes_stops_the_run_and_eval_steps_sets_the_interval(tmp_pa
     assert results["train_steps"] == 1 and results["eval_step"] == 1
     train_results = json.loads((tmp_path / "timed" / "train_results.json").read_text())
     assert train_results["train_steps"] == 1 and train_results["epochs"] == 0.25
+    assert train_results["train_loss_last"] is not None  # the last step's window is logged
     assert "| training steps | 1 |" in (tmp_path / "timed" / "README.md").read_text()
 
     train(tiny_args(dataset, tmp_path / "every3", "--max_train_steps", "7", "--eval_steps", "3"))
