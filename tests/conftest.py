@@ -87,3 +87,22 @@ def run_without_capsnet_hf(script: str, *args: str, workdir: Path, timeout: int 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _reset_accelerate_state():
+    import sys
+
+    if "accelerate" not in sys.modules:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator: accelerate keeps one state per process (Trainer leaves one too)."""
+    _reset_accelerate_state()
+    yield
+    _reset_accelerate_state()
