@@ -126,16 +126,17 @@ class Planner:
 
 def run_command(module: str, argv: list[str]) -> None:
     """`python -m capsnet_hf.<module> argv` in a fresh process (each run owns its accelerate state and compile
-    caches); its output streams through; a failure stops the reproduction with its last error line."""
+    caches); its output streams through; a failure stops the reproduction with its last line."""
     print(f"python -m capsnet_hf.{module} " + " ".join(argv), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(
-        [sys.executable, "-m", f"capsnet_hf.{module}", *argv], env=env, stderr=subprocess.PIPE, text=True
-    )
-    sys.stderr.write(result.stderr)
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
-        raise UsageError(f"capsnet_hf.{module} failed: {lines[-1]}")
+    command = [sys.executable, "-m", f"capsnet_hf.{module}", *argv]
+    last = f"exit status of {module}"
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        for line in process.stderr:
+            sys.stderr.write(line)
+            last = line.strip().split("\r")[-1] or last
+    if process.returncode != 0:
+        raise UsageError(f"capsnet_hf.{module} failed: {last}")
 
 
 def run_training(argv: list[str]) -> dict[str, Any]:

@@ -72,6 +72,8 @@ def plot_curves(curves: Mapping[str, Curve], published: Mapping[str, Curve], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .visualize import save_png
+
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, curve in curves.items():
         axis.plot(list(curve), list(curve.values()), marker="o", label=name)
@@ -90,11 +92,8 @@ def plot_curves(curves: Mapping[str, Curve], published: Mapping[str, Curve], pat
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".partial.png"
-    figure.savefig(partial, dpi=120)
+    save_png(figure, path, dpi=120)
     plt.close(figure)
-    os.replace(partial, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -415,7 +415,7 @@ def log_metrics(accelerator, output_dir: str, values: dict[str, Any], step: int)
 
 def out_of_time(accelerator, deadline: float) -> bool:
     """Whether `deadline` (time.time()) has passed; with several processes, as soon as it has for any of them, so
-    that all stop at the same step (one process asks no device, which would wait for the queued work)."""
+    that all stop at the same step. A single process reads only its clock: a device read would wait for the queue."""
     late = time.time() >= deadline
     if accelerator.num_processes == 1:
         return late
@@ -609,7 +609,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
         try:  # before the first step: a folder we cannot write, or one that another run is writing
-            output_lock = lock_output_dir(args.output_dir, "capsnet-train")  # noqa: F841 (held until exit)
+            output_lock = lock_output_dir(args.output_dir, "capsnet-train")  # noqa: F841 (held while train() runs)
         except (BlockingIOError, PermissionError, FileExistsError, NotADirectoryError) as error:
             raise UsageError(f"--output_dir: {error}") from error
         if args.overwrite_output_dir and checkpoint is None:  # a fresh run: drop an earlier run's checkpoints

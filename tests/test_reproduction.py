@@ -271,3 +271,15 @@ def test_torch_compile_trains_through_dynamo(tmp_path):
     assert compiled["train_steps"] == 2 and compiled["eval_num_examples"] == 8
     with pytest.raises(SystemExit):
         main([*argv, "--torch_compile", "--cpu_routing_kernel", "true"])
+
+
+def test_reproduce_paper_stops_with_the_failing_stage_line(tmp_path, mnist_archive):
+    result = run_reproduction(
+        "--data", str(mnist_archive), "--output_dir", str(tmp_path / "out"), "--minutes", "0.05", "--learning_rate=-1"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "reproduce_paper.py: error: capsnet_hf.train failed: capsnet-train: error: --learning_rate must lie in "
+        "(0.0, inf), got -1.0"
+    )
+    assert not (tmp_path / "out" / "reproduction.json").exists()
