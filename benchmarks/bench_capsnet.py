@@ -49,8 +49,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel
-from capsnet_hf.cpu_routing_kernel import KernelBuildError, cpu_routing_kernel_mode, load_kernel_library
-from capsnet_hf.train import create_optimizer
+from capsnet_hf.kernels.cpu_routing import KernelBuildError, cpu_routing_kernel_mode, load_kernel_library
+from capsnet_hf.training.optimization import create_optimizer
 
 MIB = 2**20
 

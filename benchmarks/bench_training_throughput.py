@@ -42,15 +42,11 @@ from bench_capsnet import load_average, open_device, synchronize, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification
-from capsnet_hf.data import (
-    BatchTransform,
-    DataError,
-    EpochOrder,
-    ImageTensorDataset,
-    load_splits,
-    make_generator,
-)
-from capsnet_hf.train import create_optimizer
+from capsnet_hf.cli import DataError
+from capsnet_hf.data.batching import BatchTransform, EpochOrder, make_generator
+from capsnet_hf.data.loading import ImageTensorDataset
+from capsnet_hf.data.splits import load_splits
+from capsnet_hf.training.optimization import create_optimizer
 
 MODES = ("fp32", "bf16", "fp32-compile", "bf16-compile")
 MIB = 2**20

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package, installed or not
-from capsnet_hf.data import UsageError, load_splits, save_npz_splits  # noqa: E402
-from capsnet_hf.recipes import RECIPES  # noqa: E402
-from capsnet_hf.train import MODEL_ARGUMENTS  # noqa: E402
+from capsnet_hf.cli import UsageError  # noqa: E402
+from capsnet_hf.data.splits import load_splits, save_npz_splits  # noqa: E402
+from capsnet_hf.training.arguments import MODEL_ARGUMENTS  # noqa: E402
+from capsnet_hf.training.recipes import RECIPES  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The paper's test errors (%), Table 1 and Sections 5.2 and 6, for the JSON beside ours.
@@ -161,7 +162,7 @@ def evaluate(model_dir: str, dataset: str, source: str) -> dict[str, Any]:
 def save_perturbation_figure(model_dir: str, data: str) -> str:
     """Paper Figure 4 for the first test digit, beside the model's reconstruction figure."""
     from capsnet_hf import CapsNetForImageClassification
-    from capsnet_hf.data import BatchTransform
+    from capsnet_hf.data.batching import BatchTransform
     from capsnet_hf.visualize import plot_perturbations, save_png
 
     model = CapsNetForImageClassification.from_pretrained(model_dir).eval()

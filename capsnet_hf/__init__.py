@@ -7,10 +7,9 @@ and marks them for export so that `save_pretrained` writes the code and an `auto
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
-from .baseline_cnn import BaselineCNNConfig, BaselineCNNForImageClassification
 from .configuration_capsnet import CapsNetConfig
-from .cpu_routing_kernel import disable_cpu_routing_kernel, enable_cpu_routing_kernel
 from .image_processing_capsnet import CapsNetImageProcessor
+from .kernels.cpu_routing import disable_cpu_routing_kernel, enable_cpu_routing_kernel
 from .modeling_capsnet import (
     CapsNetForImageClassification,
     CapsNetImageClassifierOutput,
@@ -18,6 +17,7 @@ from .modeling_capsnet import (
     CapsNetModelOutput,
     CapsNetPreTrainedModel,
 )
+from .paper.baseline_cnn import BaselineCNNConfig, BaselineCNNForImageClassification
 
 AutoConfig.register(CapsNetConfig.model_type, CapsNetConfig, exist_ok=True)
 AutoModel.register(CapsNetConfig, CapsNetModel, exist_ok=True)

@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
-from . import metrics
-from .cpu_routing_kernel import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
-from .data import PAPER_DATASETS, BatchTransform, UsageError, load_paper_splits, load_splits
-from .mixed_precision import MIXED_PRECISION_CHOICES, accelerate_device, describe, resolve_mixed_precision
+from .cli import UsageError
+from .data.batching import BatchTransform
+from .data.splits import PAPER_DATASETS, load_paper_splits, load_splits
+from .kernels.cpu_routing import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
+from .training import metrics
+from .training.mixed_precision import MIXED_PRECISION_CHOICES, accelerate_device, describe, resolve_mixed_precision
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, id2label: dict[int, str]) -> dict[str, Any]:
@@ -133,7 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--mixed_precision",
         choices=MIXED_PRECISION_CHOICES,
         default="auto",
-        help="'auto' (default): bf16 where the device runs it natively, else float32 (capsnet_hf.mixed_precision)",
+        help="'auto' (default): bf16 where the device runs it natively, else float32 (capsnet_hf.training.mixed_precision)",
     )
     parser.add_argument("--trust_remote_code", action="store_true", help="load models through their own code")
     parser.add_argument(

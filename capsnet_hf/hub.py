@@ -58,7 +58,7 @@ def render_trained_model_card(
     the measured test accuracy, the recipe and hyperparameters, the results and the reconstruction figure."""
     from huggingface_hub import EvalResult
 
-    from .recipes import RECIPES
+    from .training.recipes import RECIPES
 
     dataset = args["dataset_name"]
     dataset_id = args.get("dataset_hub_id") or (None if _is_local_path(dataset) else dataset)

@@ -27,8 +27,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .data import IMAGE_COLUMN_CANDIDATES, LABEL_COLUMN_CANDIDATES, DataError, detect_column
-from .output_files import usual_file_mode
+from .cli import DataError, usual_file_mode
+from .data.loading import IMAGE_COLUMN_CANDIDATES, LABEL_COLUMN_CANDIDATES, detect_column
 
 FIGURES = ("reconstructions", "perturbation", "multimnist", "routing")
 PERTURBATION_STEPS = tuple(round(-0.25 + 0.05 * step, 2) for step in range(11))  # -0.25, -0.20, ..., 0.25
@@ -332,7 +332,7 @@ def _multimnist_inputs(
     model: Any, images: list[Any], labels: torch.Tensor | None, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MultiMNIST pairs of the loaded digits on the model's canvas (36x36 for the paper's model)."""
-    from .paper_datasets import MNIST_SIZE, MultiMNIST
+    from .data.paper_datasets import MNIST_SIZE, MultiMNIST
 
     height, width = model.config.image_size
     if height != width or height < MNIST_SIZE or (height - MNIST_SIZE) % 2 or model.config.num_channels != 1:

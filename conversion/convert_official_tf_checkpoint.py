@@ -5,12 +5,12 @@
     python conversion/convert_official_tf_checkpoint.py --checkpoint 'PATH/cifar/cifar{}/model.ckpt-600000' \
         --num_trials 7 --output_dir capsnet-cifar10-official
 
-Same as the `capsnet-convert` console script; see `capsnet_hf/convert_official.py` and conversion/README.md.
+Same as the `capsnet-convert` console script; see `capsnet_hf/convert.py` and conversion/README.md.
 """
 
 import sys
 
-from capsnet_hf.convert_official import main
+from capsnet_hf.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,7 +37,7 @@ def kernel_cache(tmp_path_factory):
 @pytest.fixture
 def no_compiler(tmp_path, monkeypatch):
     """No C++ compiler (CXX names a missing one) and an empty kernel cache: the CPU routing kernel cannot be built."""
-    from capsnet_hf.cpu_routing_kernel import load_kernel_library
+    from capsnet_hf.kernels.cpu_routing import load_kernel_library
 
     monkeypatch.setenv("CAPSNET_HF_KERNEL_CACHE", str(tmp_path / "empty-kernel-cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-for-capsnet")

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 import capsnet_hf  # noqa: F401  (registers the Auto classes)
-from capsnet_hf.baseline_cnn import (
+from capsnet_hf.paper.baseline_cnn import (
     PAPER_PARAMETER_COUNT,
     BaselineCNNConfig,
     BaselineCNNForImageClassification,

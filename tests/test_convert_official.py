@@ -16,17 +16,16 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 
 import capsnet_hf.modeling_capsnet as modeling
 from capsnet_hf import CapsNetConfig, CapsNetModel
-from capsnet_hf.convert_official import (
+from capsnet_hf.conversion.official import (
     PRESETS,
     build_config,
-    build_parser,
     convert,
     infer_geometry,
-    main,
     reference_forward,
     resolve_image_size,
 )
-from capsnet_hf.tf_checkpoint import TFCheckpointReader
+from capsnet_hf.conversion.tf_checkpoint import TFCheckpointReader
+from capsnet_hf.convert import build_parser, main
 
 TF = FIXTURES / "tf"
 MNIST_CKPT = TF / "mnist_style" / "model.ckpt-2"
@@ -191,7 +190,7 @@ def test_fixtures_detect_same_padding_side(converted, monkeypatch):
 
 def test_mapping_layouts():
     """HWIO -> OIHW kernels, unscaled primary kernels, [I, A, J*K] -> [I, J, K, A], decoder transposed."""
-    from capsnet_hf.convert_official import decoder_state_dict, member_state_dict
+    from capsnet_hf.conversion.official import decoder_state_dict, member_state_dict
 
     reader = TFCheckpointReader(MNIST_CKPT)
     arrays = {name: reader.read(name) for name in reader.variables()}
@@ -432,7 +431,7 @@ def test_pattern_with_a_missing_member(tmp_path, capsys):
 
 def test_failed_parity_check_leaves_nothing(tmp_path, capsys):
     """A mapping error (here: class capsule bias negated) is caught by the built-in parity check."""
-    from capsnet_hf import convert_official
+    from capsnet_hf.conversion import official as convert_official
 
     def wrong_bias(arrays, member):
         state = convert_official_member_state_dict(arrays, member)

@@ -14,11 +14,11 @@ from torch import nn
 from capsnet_hf import (
     CapsNetForImageClassification,
     CapsNetModel,
-    cpu_routing_kernel,
     disable_cpu_routing_kernel,
     enable_cpu_routing_kernel,
 )
-from capsnet_hf.cpu_routing_kernel import (
+from capsnet_hf.kernels import cpu_routing as cpu_routing_kernel
+from capsnet_hf.kernels.cpu_routing import (
     CpuRoutingKernel,
     KernelBuildError,
     cpu_routing_kernel_mode,
@@ -235,7 +235,7 @@ def test_compiler_without_openmp_builds_a_single_threaded_kernel(tmp_path, monke
     plain = CapsNetForImageClassification(small_config()).eval()
     fast = copy.deepcopy(plain)
     monkeypatch.setattr(cpu_routing_kernel, "OPENMP_FLAGS", ("-fno-such-openmp-option",))
-    with caplog.at_level("WARNING", logger="capsnet_hf.cpu_routing_kernel"):
+    with caplog.at_level("WARNING", logger="capsnet_hf.kernels.cpu_routing"):
         enable_cpu_routing_kernel(fast, cache_dir=str(tmp_path / "cache"))
     assert "built it single-threaded" in caplog.text
     assert load_kernel_library(str(tmp_path / "cache")).capsnet_threaded() == 0

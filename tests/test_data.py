@@ -5,19 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
-from capsnet_hf.data import (
+from capsnet_hf.cli import DataError
+from capsnet_hf.data.batching import (
     BatchTransform,
-    DataError,
     EpochOrder,
-    ImageTensorDataset,
-    decode_images,
-    detect_column,
     epoch_permutation,
-    load_splits,
     make_generator,
     standardize_per_image,
     translate_crop,
 )
+from capsnet_hf.data.loading import ImageTensorDataset, decode_images, detect_column
+from capsnet_hf.data.splits import load_splits
 from capsnet_hf.image_processing_capsnet import CapsNetImageProcessor
 
 

@@ -8,7 +8,7 @@ from conftest import SHARED_DATASETS
 from test_data import write_dataset
 from test_train import TINY_MODEL, fresh_accelerate_state, tiny_args  # noqa: F401  (fixture)
 
-from capsnet_hf.data import UsageError
+from capsnet_hf.cli import UsageError
 from capsnet_hf.evaluate import classification_metrics, evaluate, main
 from capsnet_hf.train import train
 
@@ -65,7 +65,7 @@ def test_ensemble_sums_capsule_lengths(trained):
 
 
 def test_eval_routes_with_the_cpu_kernel_by_default(trained, monkeypatch, capsys):
-    from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel
+    from capsnet_hf.kernels.cpu_routing import CpuRoutingKernel
 
     calls = []
     original = CpuRoutingKernel.__call__
@@ -131,7 +131,7 @@ def test_class_scores_are_capsule_lengths_or_softmax_probabilities():
 def test_baseline_cnn_trains_loads_with_auto_classes_and_evaluates(tmp_path):
     from transformers import AutoModelForImageClassification
 
-    from capsnet_hf.baseline_cnn import BaselineCNNForImageClassification
+    from capsnet_hf.paper.baseline_cnn import BaselineCNNForImageClassification
 
     dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 11})
     output_dir = tmp_path / "baseline"
@@ -198,8 +198,9 @@ def test_expanded_mnist_model_evaluates_on_affnist_style(tmp_path):
 
 
 def test_multimnist_eval_reports_the_two_target_error(tmp_path):
-    from capsnet_hf import metrics
-    from capsnet_hf.data import BatchTransform, load_paper_splits
+    from capsnet_hf.data.batching import BatchTransform
+    from capsnet_hf.data.splits import load_paper_splits
+    from capsnet_hf.training import metrics
 
     source, model_dir = _generated(tmp_path, "multimnist")
     result = evaluate(["--model_name_or_path", str(model_dir), "--dataset_name", "multimnist",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from capsnet_hf.metrics import (
+from capsnet_hf.training.metrics import (
     accuracy,
     confusion_matrix,
     error_rate,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from capsnet_hf.paper_datasets import (
+from capsnet_hf.data.paper_datasets import (
     AffNISTStyle,
     ExpandedMNIST,
     MultiMNIST,

@@ -13,10 +13,11 @@ from PIL import Image
 from test_data import write_dataset
 from test_train import TINY_MODEL, fresh_accelerate_state, subprocess_env, tiny_args  # noqa: F401
 
-from capsnet_hf import learning_curve
-from capsnet_hf.data import DataError, load_splits, save_npz_splits
-from capsnet_hf.mixed_precision import resolve_mixed_precision
+from capsnet_hf.cli import DataError
+from capsnet_hf.data.splits import load_splits, save_npz_splits
+from capsnet_hf.paper import learning_curve
 from capsnet_hf.train import main, train
+from capsnet_hf.training.mixed_precision import resolve_mixed_precision
 
 
 def no_native_bf16(monkeypatch, native: bool):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsnet_hf.tf_checkpoint import CheckpointError, TFCheckpointReader, _crc_bytes, crc32c, masked_crc32c
+from capsnet_hf.conversion.tf_checkpoint import CheckpointError, TFCheckpointReader, _crc_bytes, crc32c, masked_crc32c
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tf"
 

@@ -15,7 +15,11 @@ from conftest import REPO_ROOT, SHARED_DATASETS
 from safetensors.torch import load_file
 from test_data import write_dataset
 
-from capsnet_hf.train import UsageError, create_optimizer, list_checkpoints, main, parse_args, train
+from capsnet_hf.cli import UsageError
+from capsnet_hf.train import main, train
+from capsnet_hf.training.arguments import parse_args
+from capsnet_hf.training.checkpoints import list_checkpoints
+from capsnet_hf.training.optimization import create_optimizer
 
 # A CapsNet small enough for 16x16 CPU tests (18 primary capsules).
 TINY_MODEL = [
@@ -269,7 +273,7 @@ def test_bad_input_fails_before_training(tmp_path, case, message):
 
 
 def test_cpu_routing_kernel_is_the_default_and_trains_like_the_torch_path(tmp_path, tiny_dataset, monkeypatch, capsys):
-    from capsnet_hf.cpu_routing_kernel import CpuRoutingKernel
+    from capsnet_hf.kernels.cpu_routing import CpuRoutingKernel
 
     calls = []
     original = CpuRoutingKernel.__call__

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from capsnet_hf import CapsNetConfig
-from capsnet_hf.train import parse_args
+from capsnet_hf.training.arguments import parse_args
 
 
 @pytest.mark.parametrize("name", CapsNetConfig.POSITIVE_SIZES)
@@ -106,7 +106,7 @@ def test_a_diverging_run_stops_and_publishes_nothing(tmp_path, capsys):
 def test_conversion_parity_with_nan_is_an_error():
     import math
 
-    from capsnet_hf.convert_official import parity_error
+    from capsnet_hf.conversion.official import parity_error
 
     assert parity_error({"lengths": 1e-6, "poses": 2e-6, "logits": 5e-3}) == 2e-6
     for parity in ({"lengths": math.nan, "poses": 0.0}, {"poses": 0.0, "lengths": math.nan}, {"logits": math.inf}):
@@ -139,7 +139,7 @@ def test_saved_weights_have_the_folders_usual_file_mode(tmp_path):
     from test_data import write_dataset
     from test_train import tiny_args
 
-    from capsnet_hf.output_files import usual_file_mode
+    from capsnet_hf.cli import usual_file_mode
     from capsnet_hf.train import train
 
     dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8}, size=(16, 16))
@@ -154,7 +154,7 @@ def test_an_output_folder_in_use_or_not_writable_is_refused_before_training(tmp_
     from test_data import write_dataset
     from test_train import tiny_args
 
-    from capsnet_hf.output_files import lock_output_dir
+    from capsnet_hf.cli import lock_output_dir
     from capsnet_hf.train import main
 
     dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8}, size=(16, 16))

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from .train import LOG_FILE
+from ..training.checkpoints import LOG_FILE
 
 # MNIST test accuracy (%) against epochs, as their authors report it (batch 100-128, Adam 1e-3; docs/results.md).
 PUBLISHED_MNIST_CURVES: dict[str, dict[float, float]] = {
@@ -72,7 +72,7 @@ def plot_curves(curves: Mapping[str, Curve], published: Mapping[str, Curve], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .visualize import save_png
+    from ..visualize import save_png
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, curve in curves.items():

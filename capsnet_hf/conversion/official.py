@@ -28,9 +28,7 @@ including the parity check, has succeeded.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import math
 import os
 import re
@@ -44,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .configuration_capsnet import CapsNetConfig, conv_output_size
-from .hub import push_folder_to_hub, render_model_card
-from .image_processing_capsnet import CapsNetImageProcessor
-from .modeling_capsnet import LOGIT_EPSILON, CapsNetForImageClassification
-from .output_files import give_usual_file_modes
+from ..cli import give_usual_file_modes
+from ..configuration_capsnet import CapsNetConfig, conv_output_size
+from ..hub import render_model_card
+from ..image_processing_capsnet import CapsNetImageProcessor
+from ..modeling_capsnet import LOGIT_EPSILON, CapsNetForImageClassification
 from .tf_checkpoint import CheckpointError, TFCheckpointReader
 
 OFFICIAL_REPOSITORY = "https://github.com/Sarasra/models/tree/master/research/capsules"
@@ -637,80 +635,3 @@ def write_model_card(
         ),
     }
     render_model_card(CARD_TEMPLATE, fields, card_data).save(folder / "README.md")
-
-
-def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add `--name_with_underscores`, also accepted as `--name-with-dashes`."""
-    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    parser.add_argument(*flags, dest=name, **kwargs)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="capsnet-convert",
-        description="Convert the official TensorFlow CapsNet checkpoints (Sarasra/models research/capsules) into a "
-        "transformers model folder. No TensorFlow needed.",
-    )
-    _add(parser, "checkpoint", required=True, help="checkpoint prefix (.../model.ckpt-1) or its folder, or a pattern "
-         "with {} for an ensemble (.../cifar{}/model.ckpt-600000)")  # fmt: skip
-    _add(parser, "output_dir", required=True, help="folder to write (must not exist, see --overwrite_output_dir)")
-    _add(parser, "num_trials", type=int, default=1, help="ensemble members: {} takes 0..num_trials-1")
-    _add(parser, "dataset", choices=DATASETS, help="override the dataset inferred from the input channels")
-    _add(parser, "image_size", type=int, help="input size when the shapes allow several (default: the largest)")
-    _add(parser, "overwrite_output_dir", action="store_true", help="replace an existing output folder")
-    _add(parser, "verify", action="store_true", help="re-read the written folder and print the parity numbers")
-    _add(parser, "tolerance", type=float, default=1e-4, help="largest accepted |converted - reference| of the capsule "
-         "lengths, poses and reconstructions")  # fmt: skip
-    _add(parser, "push_to_hub", action="store_true", help="upload the folder to the Hub (needs --hub_model_id)")
-    _add(parser, "hub_model_id", help="Hub repository, e.g. user/capsnet-mnist-official")
-    _add(parser, "hub_token", help="Hub token (default: the logged-in token / HF_TOKEN)")
-    _add(parser, "hub_private_repo", action="store_true", help="create the Hub repository as private")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id")
-    try:
-        result = convert(
-            args.checkpoint,
-            args.output_dir,
-            num_trials=args.num_trials,
-            dataset=args.dataset,
-            image_size=args.image_size,
-            overwrite=args.overwrite_output_dir,
-            tolerance=args.tolerance,
-            hub_model_id=args.hub_model_id,
-        )
-    except (CheckpointError, FileExistsError, RuntimeError) as err:
-        print(f"capsnet-convert: error: {err}", file=sys.stderr)
-        return 1
-    config = result.config
-    print(
-        f"wrote {result.folder}: {result.dataset}, {config.num_ensemble_members} member(s), "
-        f"{config.num_channels}x{config.image_size[0]}x{config.image_size[1]} input, {config.num_labels} classes"
-    )
-    if args.verify:
-        parity = measure_parity(result.folder, result.reference)
-        print(f"verify: max |logit difference| = {parity['logits']:.3g} (converted folder vs. checkpoint reference)")
-        print("verify: " + json.dumps({name: float(f"{value:.3g}") for name, value in parity.items()}))
-        if parity_error(parity) > args.tolerance:
-            print(f"capsnet-convert: error: parity above tolerance {args.tolerance}", file=sys.stderr)
-            return 1
-    if args.push_to_hub:
-        commit = push_folder_to_hub(
-            result.folder,
-            args.hub_model_id,
-            private=args.hub_private_repo,
-            token=args.hub_token,
-            commit_message="CapsNet converted from the official TensorFlow checkpoint "
-            + display_checkpoint(args.checkpoint),
-        )
-        print(f"pushed to {getattr(commit, 'commit_url', commit)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

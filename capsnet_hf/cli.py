@@ -1,0 +1,162 @@
+"""What the four commands share: one error type and exit convention, one boolean parser, model loading, and the
+files they write (the usual modes, written aside then renamed, an output folder locked against a second run)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+
+class UsageError(ValueError):
+    """Bad input to a command (flags, data, model folders), raised before any output is written; the command prints
+    `prog: error: <message>` and exits with status 2, as argparse does for a bad flag."""
+
+
+class DataError(UsageError):
+    """Bad data-set input (unknown data set/split, columns, labels, images)."""
+
+
+USAGE_EXIT_STATUS = 2
+
+
+def run_command(prog: str, body: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None) -> int:
+    """The exit convention of every command: `body(argv)` returns 0; a `UsageError` is one line on stderr,
+    `prog: error: <message>`, and status 2."""
+    try:
+        body(argv)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return USAGE_EXIT_STATUS
+    return 0
+
+
+TRUE_WORDS = ("1", "true", "yes", "y", "on")
+FALSE_WORDS = ("0", "false", "no", "n", "off")
+
+
+def parse_bool(value: str | bool) -> bool:
+    """A boolean flag value: true/false, yes/no, on/off, 1/0 (any case); argparse reports anything else."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def usual_file_mode(directory: bool = False) -> int:
+    """0o666 (0o777 for a directory) less the process umask: what `open(path, "w")` or `mkdir` gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def give_usual_file_modes(folder: str | os.PathLike) -> None:
+    """chmod `folder` and every file directly in it to [`usual_file_mode`]: what was written through temporary
+    files or folders (`model.safetensors` from `save_pretrained`, a `mkdtemp` staging folder) is 0600/0700
+    otherwise, unlike its neighbours."""
+    os.chmod(folder, usual_file_mode(directory=True))
+    mode = usual_file_mode()
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, mode)
+
+
+PARTIAL_PREFIX = ".partial-"
+COMMIT_FILE = "config.json"  # what makes a folder a model for from_pretrained: moved in last
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(directory: str, prefix: str) -> None:
+    """Remove `directory/<prefix><pid>` temporaries whose process is gone (a killed run's)."""
+    for entry in os.scandir(directory):
+        tail = entry.name[len(prefix) :]
+        if entry.name.startswith(prefix) and tail.isdigit() and not _process_alive(int(tail)):
+            shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
+
+
+@contextlib.contextmanager
+def write_aside(final: str | os.PathLike, folder: bool = False) -> Iterator[str]:
+    """Yield a temporary path beside `final` to write into (a folder with `folder=True`); when the block succeeds
+    it takes `final`'s place with the usual file modes, when it raises it is removed and `final` is untouched.
+
+    A file is renamed over `final` (atomic). A folder's entries are moved into `final` (created if needed; other
+    entries, such as checkpoints, stay) with `config.json` removed first and moved in last, so that a run killed
+    meanwhile leaves the old model, a folder that is not a model, or the new model, never new weights beside an old
+    config. Temporaries of killed runs are removed first."""
+    final = os.fspath(final)
+    if folder:
+        os.makedirs(final, exist_ok=True)
+        _remove_stale_partials(final, PARTIAL_PREFIX)
+        staging = os.path.join(final, f"{PARTIAL_PREFIX}{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.mkdir(staging)
+    else:
+        directory, name = os.path.split(os.path.abspath(final))
+        os.makedirs(directory, exist_ok=True)
+        _remove_stale_partials(directory, f".{name}{PARTIAL_PREFIX}")
+        staging = os.path.join(directory, f".{name}{PARTIAL_PREFIX}{os.getpid()}")
+    try:
+        yield staging
+        if folder:
+            give_usual_file_modes(staging)
+            _move_entries(staging, final)
+        else:
+            os.chmod(staging, usual_file_mode())
+            os.replace(staging, final)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+        elif os.path.exists(staging):
+            os.remove(staging)
+
+
+def _move_entries(staging: str, final: str) -> None:
+    names = sorted(os.listdir(staging), key=lambda name: name == COMMIT_FILE)  # the commit file last
+    if COMMIT_FILE in names and os.path.exists(os.path.join(final, COMMIT_FILE)):
+        os.remove(os.path.join(final, COMMIT_FILE))
+    for name in names:
+        target = os.path.join(final, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+
+
+LOCK_FILE = ".capsnet.lock"
+
+
+def lock_output_dir(folder: str | os.PathLike, command: str):
+    """Create `folder` if needed and hold an exclusive lock on it for this process's life (the returned handle):
+    two runs into one folder would interleave their logs and checkpoints. Raises PermissionError if the folder is
+    not writable and BlockingIOError naming the holder if another process holds the lock."""
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise BlockingIOError(f"{os.fspath(folder)!r} is in use by {holder}") from None
+    handle.truncate(0)
+    handle.write(f"{command} (pid {os.getpid()})\n")
+    handle.flush()
+    return handle
