@@ -163,7 +163,7 @@ def save_perturbation_figure(model_dir: str, data: str) -> str:
     """Paper Figure 4 for the first test digit, beside the model's reconstruction figure."""
     from capsnet_hf import CapsNetForImageClassification
     from capsnet_hf.data.batching import BatchTransform
-    from capsnet_hf.visualize import plot_perturbations, save_png
+    from capsnet_hf.paper.figures import plot_perturbations, save_png
 
     model = CapsNetForImageClassification.from_pretrained(model_dir).eval()
     test = load_splits(data, None, "test", max_eval_samples=None).eval

@@ -35,6 +35,17 @@ def run_command(prog: str, body: Callable[[Sequence[str] | None], Any], argv: Se
     return 0
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
 TRUE_WORDS = ("1", "true", "yes", "y", "on")
 FALSE_WORDS = ("0", "false", "no", "n", "off")
 
@@ -160,3 +171,54 @@ def lock_output_dir(folder: str | os.PathLike, command: str):
     handle.write(f"{command} (pid {os.getpid()})\n")
     handle.flush()
     return handle
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything else (`./x`, `/x`, `~/x`, `a/b/c`) names a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def load_model_and_processor(name: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The image-classification model saved at `name` (a folder or a Hub id) and its image processor (its
+    `preprocessor_config.json`, else the processor matching the model's input geometry).
+
+    A missing path, a folder that is not a model, unreadable weights and weights that do not match the config
+    (missing, unexpected or differently shaped tensors) are one-line `UsageError`s: a partly random model would
+    otherwise evaluate with exit status 0."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .image_processing_capsnet import CapsNetImageProcessor
+
+    if not os.path.exists(name) and _looks_like_a_path(name):
+        raise UsageError(f"model {name!r} does not exist")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise UsageError(f"{name!r} is not a model folder (it has no config.json)")
+    if os.path.exists(name) and not os.path.isdir(name):
+        raise UsageError(f"{name!r} is a file, not a model folder")
+    try:
+        model, loading = AutoModelForImageClassification.from_pretrained(
+            name, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+    except Exception as error:  # transformers, safetensors and json raise many types for one broken folder
+        if "ignore_mismatched_sizes" in str(error):
+            raise UsageError(f"the weights of {name!r} do not match its config.json (differently shaped)") from error
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load a model from {name!r}: {detail}") from error
+    mismatched = [key for key, *_ in loading.get("mismatched_keys", [])]
+    problems = {
+        "missing": loading.get("missing_keys", []),
+        "unexpected": loading.get("unexpected_keys", []),
+        "differently shaped": mismatched,
+    }
+    found = [
+        f"{kind}: {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"
+        for kind, keys in problems.items()
+        if keys
+    ]
+    if found:
+        raise UsageError(f"the weights of {name!r} do not match its config.json ({'; '.join(found)})")
+    try:
+        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError:  # no preprocessor_config.json: the processor of the model's input geometry
+        processor = CapsNetImageProcessor.from_model_config(model.config)
+    return model, processor

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .cli import UsageError
+from .cli import DataError, UsageError, load_model_and_processor, positive_int, run_command, write_aside
 from .data.batching import BatchTransform
 from .data.splits import PAPER_DATASETS, load_paper_splits, load_splits
 from .kernels.cpu_routing import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
@@ -126,10 +125,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--image_column_name", default=None, help="default: detected (image/img)")
     parser.add_argument("--label_column_name", default=None, help="default: detected (label/labels)")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate a seeded random subset")
+    parser.add_argument("--max_eval_samples", type=positive_int, default=None, help="evaluate a seeded random subset")
     parser.add_argument("--source_dataset_name", default="ylecun/mnist", help="MNIST source of generated data sets")
-    parser.add_argument("--eval_variants_per_digit", type=int, default=1, help="generated examples per test digit")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=256)
+    parser.add_argument(
+        "--eval_variants_per_digit", type=positive_int, default=1, help="generated examples per test digit"
+    )
+    parser.add_argument("--per_device_eval_batch_size", type=positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of generated data sets")
     parser.add_argument(
         "--mixed_precision",
@@ -155,16 +156,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def load_models(paths: Sequence[str], trust_remote_code: bool = False) -> tuple[list[torch.nn.Module], Any]:
     """The models at `paths` (folders or Hub ids) and the first one's image processor; all must share geometry."""
-    from transformers import AutoModelForImageClassification
-
-    from .image_processing_capsnet import CapsNetImageProcessor
-
-    models = []
-    for path in paths:
-        try:
-            models.append(AutoModelForImageClassification.from_pretrained(path, trust_remote_code=trust_remote_code))
-        except OSError as error:
-            raise UsageError(f"cannot load a model from {path!r}: {error}") from error
+    loaded = [load_model_and_processor(path, trust_remote_code) for path in paths]
+    models, processor = [model for model, _ in loaded], loaded[0][1]
     first = models[0].config
     for path, model in zip(paths, models, strict=True):
         config = model.config
@@ -174,21 +167,12 @@ def load_models(paths: Sequence[str], trust_remote_code: bool = False) -> tuple[
             first.num_labels,
         ):
             raise UsageError(f"{path!r} takes other inputs or classes than {paths[0]!r}: they cannot be ensembled")
-    try:
-        processor = CapsNetImageProcessor.from_pretrained(paths[0])
-    except OSError:  # a folder without preprocessor_config.json: the processor matching the model's geometry
-        processor = CapsNetImageProcessor.from_model_config(first)
     return models, processor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (`capsnet-eval`): 0 on success, 2 with a one-line message on bad input."""
-    try:
-        evaluate(argv)
-    except UsageError as error:
-        print(f"capsnet-eval: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("capsnet-eval", evaluate, argv)
 
 
 def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -246,13 +230,16 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     transform = BatchTransform.from_image_processor(processor)
     channels = getattr(dataset, "num_channels", config.num_channels)
     if channels != config.num_channels:
-        raise SystemExit(
-            f"capsnet-eval: error: the images have {channels} channels, the model takes {config.num_channels}"
-        )
+        raise UsageError(f"the images have {channels} channels, the model takes {config.num_channels}")
+    if len(dataset) == 0:
+        raise DataError(f"split {args.split!r} of {args.dataset_name!r} has no examples")
     models = [accelerator.prepare_model(model, evaluation_mode=True) for model in models]
     scores, labels, loss = collect_scores(
         models, dataset, transform, accelerator, args.per_device_eval_batch_size, show_progress=True
     )
+    broken = int((~scores.isfinite().all(dim=1)).sum())
+    if broken:
+        raise UsageError(f"the model's class scores are not finite for {broken} of {len(scores)} examples")
     result = {
         "models": list(paths),
         "dataset": args.dataset_name,
@@ -264,8 +251,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if accelerator.is_main_process:
         text = json.dumps(result, indent=2)
         if args.output_file:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
-            with open(args.output_file, "w", encoding="utf-8") as handle:
+            with write_aside(args.output_file) as partial, open(partial, "w", encoding="utf-8") as handle:
                 handle.write(text + "\n")
         sys.stdout.write(text + "\n")
     return result

@@ -215,3 +215,41 @@ def test_multimnist_eval_reports_the_two_target_error(tmp_path):
     with torch.no_grad():
         lengths = model(pixel_values=BatchTransform((36, 36))(batch["pixel_values"])).capsule_lengths
     assert result["error_percent"] == pytest.approx(metrics.multi_digit_error(lengths, batch["labels"]))
+
+
+def test_eval_refuses_a_model_with_weights_of_another_config(trained, tmp_path, capsys):
+    """An ensemble config over one member's weights used to evaluate a half-random model with exit status 0."""
+    import shutil
+
+    dataset, model_dir = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_ensemble_members"], config["use_decoder"] = 2, False
+    (broken / "config.json").write_text(json.dumps(config))
+    output_file = tmp_path / "eval.json"
+    argv = ["--model_name_or_path", str(broken), "--dataset_name", dataset, "--output_file", str(output_file)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("capsnet-eval: error: the weights of") and "missing: " in error
+    assert not output_file.exists()
+
+
+def test_eval_never_reports_the_accuracy_of_non_finite_scores(trained, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    dataset, model_dir = trained
+    import shutil
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(key for key in weights if key.endswith("conv1.weight"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    output_file = tmp_path / "eval.json"
+    assert (
+        main(["--model_name_or_path", str(broken), "--dataset_name", dataset, "--output_file", str(output_file)]) == 2
+    )
+    assert "class scores are not finite for 11 of 11 examples" in capsys.readouterr().err
+    assert not output_file.exists()

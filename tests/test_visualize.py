@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification
-from capsnet_hf.visualize import (
+from capsnet_hf.paper.figures import (
     PERTURBATION_STEPS,
-    main,
     perturbed_reconstructions,
     plot_multimnist,
     plot_perturbations,
@@ -19,6 +18,7 @@ from capsnet_hf.visualize import (
     routing_maps,
     save_png,
 )
+from capsnet_hf.visualize import main
 
 DPI = 40
 
@@ -144,15 +144,28 @@ def test_command_line_writes_every_figure(tmp_path):
     assert png_size(out_dir / "perturbation.png") == (11 * DPI, 16 * DPI)
 
 
-def test_command_line_errors(tmp_path):
+def _error_of(capsys, argv) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("capsnet-visualize: error: ")
+    return lines[-1]
+
+
+def test_command_line_errors(tmp_path, capsys):
     model_dir, data_dir = tmp_path / "model", tmp_path / "digits"
     tiny_model(image_size=28, use_decoder=False).save_pretrained(model_dir)
     write_digit_dataset(data_dir)
     base = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir)]
-    with pytest.raises(SystemExit, match="no decoder"):
-        main([*base, "--output_dir", str(tmp_path / "out")])
+    assert "no decoder" in _error_of(capsys, [*base, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
-    with pytest.raises(SystemExit, match="cannot load a model"):
-        main(["--model_name_or_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="image"):
-        main([*base, "--image_column_name", "pixels", "--figures", "routing", "--output_dir", str(tmp_path / "out")])
+    missing = ["--model_name_or_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")]
+    assert "does not exist" in _error_of(capsys, missing)
+    not_a_model = ["--model_name_or_path", str(data_dir), "--dataset_name", str(data_dir)]
+    assert "is not a model folder" in _error_of(capsys, [*not_a_model, "--output_dir", str(tmp_path / "out")])
+    bad_column = [*base, "--image_column_name", "pixels", "--figures", "routing", "--output_dir", str(tmp_path / "o")]
+    assert "image" in _error_of(capsys, bad_column)
+    offset = [*base, "--example_offset", "-1", "--figures", "routing", "--output_dir", str(tmp_path / "out")]
+    assert "--example_offset -1 is outside" in _error_of(capsys, offset)
+    with pytest.raises(SystemExit):  # argparse: usage and `capsnet-visualize: error: ...`, status 2
+        main([*base, "--num_examples", "0", "--output_dir", str(tmp_path / "out")])
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err

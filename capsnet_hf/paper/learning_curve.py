@@ -72,7 +72,7 @@ def plot_curves(curves: Mapping[str, Curve], published: Mapping[str, Curve], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..visualize import save_png
+    from .figures import save_png
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, curve in curves.items():

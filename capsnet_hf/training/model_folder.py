@@ -102,12 +102,12 @@ def write_baseline_card(path: str, command: str, train_results: dict[str, Any], 
 @torch.no_grad()
 def save_reconstruction_figure(model, eval_data, eval_transform, path: str, count: int = 8) -> None:
     """The first `count` test images (top) and their reconstructions (bottom) as a PNG (`capsnet_hf.visualize`)."""
-    from .. import visualize
+    from ..paper import figures
 
     batch = eval_data.batch(torch.arange(min(count, len(eval_data))))
     pixel_values = eval_transform(batch["pixel_values"]).to(model.device)
     model.eval()
     multi_hot = batch["labels"].dim() == 2
-    plot = visualize.plot_multimnist if multi_hot else visualize.plot_reconstructions
+    plot = figures.plot_multimnist if multi_hot else figures.plot_reconstructions
     figure = plot(model, pixel_values, batch["labels"].cpu())
     figure.savefig(path, dpi=100)
