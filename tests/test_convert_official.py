@@ -16,14 +16,11 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 
 import capsnet_hf.modeling_capsnet as modeling
 from capsnet_hf import CapsNetConfig, CapsNetModel
-from capsnet_hf.conversion.official import (
-    PRESETS,
-    build_config,
-    convert,
-    infer_geometry,
-    reference_forward,
-    resolve_image_size,
-)
+from capsnet_hf.cli import UsageError
+from capsnet_hf.conversion import converter, weights
+from capsnet_hf.conversion.converter import convert
+from capsnet_hf.conversion.geometry import PRESETS, build_config, infer_geometry, resolve_image_size
+from capsnet_hf.conversion.reference import reference_forward
 from capsnet_hf.conversion.tf_checkpoint import TFCheckpointReader
 from capsnet_hf.convert import build_parser, main
 
@@ -190,11 +187,9 @@ def test_fixtures_detect_same_padding_side(converted, monkeypatch):
 
 def test_mapping_layouts():
     """HWIO -> OIHW kernels, unscaled primary kernels, [I, A, J*K] -> [I, J, K, A], decoder transposed."""
-    from capsnet_hf.conversion.official import decoder_state_dict, member_state_dict
-
     reader = TFCheckpointReader(MNIST_CKPT)
     arrays = {name: reader.read(name) for name in reader.variables()}
-    state = member_state_dict(arrays, 0) | decoder_state_dict(arrays)
+    state = weights.member_state_dict(arrays, 0) | weights.decoder_state_dict(arrays)
     conv1 = state["capsnet.members.0.conv1.weight"]
     assert conv1.shape == (8, 1, 9, 9) and conv1[5, 0, 2, 7] == arrays["conv1/weights"][2, 7, 0, 5]
     primary = state["capsnet.members.0.primary_capsules.conv.weight"]
@@ -347,10 +342,17 @@ def test_dataset_override_and_dash_flags(tmp_path):
 # -- bad input: a clear error, and no output folder --------------------------------------------------------------
 
 
+def _assert_error(argv, message, capsys):
+    """The shared convention: exit status 2 and one line `capsnet-convert: error: ...` naming the problem."""
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()  # transformers' progress bars may come first
+    assert [line for line in lines if "error" in line] == lines[-1:]
+    assert lines[-1].startswith("capsnet-convert: error: ") and message in lines[-1]
+
+
 def _assert_fails_cleanly(tmp_path, argv, message, capsys):
     out = tmp_path / "out"
-    assert main([*argv, "--output_dir", str(out)]) == 1
-    assert message in capsys.readouterr().err
+    _assert_error([*argv, "--output_dir", str(out)], message, capsys)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
@@ -431,16 +433,15 @@ def test_pattern_with_a_missing_member(tmp_path, capsys):
 
 def test_failed_parity_check_leaves_nothing(tmp_path, capsys):
     """A mapping error (here: class capsule bias negated) is caught by the built-in parity check."""
-    from capsnet_hf.conversion import official as convert_official
+    member_state_dict = weights.member_state_dict
 
     def wrong_bias(arrays, member):
-        state = convert_official_member_state_dict(arrays, member)
+        state = member_state_dict(arrays, member)
         key = f"capsnet.members.{member}.class_capsules.bias"
         state[key] = -state[key]  # not in place: the tensor shares memory with the checkpoint array
         return state
 
-    convert_official_member_state_dict = convert_official.member_state_dict
-    with mock.patch.object(convert_official, "member_state_dict", wrong_bias):
+    with mock.patch.object(weights, "member_state_dict", wrong_bias):
         _assert_fails_cleanly(tmp_path, ["--checkpoint", str(MNIST_CKPT)], "does not reproduce", capsys)
 
 
@@ -452,16 +453,94 @@ def test_checkpoint_folder(tmp_path, capsys):
     assert main(["--checkpoint", str(folder), "--output_dir", str(tmp_path / "b")]) == 0
     shutil.copy(folder / "model.ckpt-2.index", folder / "model.ckpt-3.index")
     (folder / "checkpoint").unlink()
-    assert main(["--checkpoint", str(folder), "--output_dir", str(tmp_path / "c")]) == 1
-    assert "model.ckpt-2.index, model.ckpt-3.index" in capsys.readouterr().err
+    _assert_error(
+        ["--checkpoint", str(folder), "--output_dir", str(tmp_path / "c")],
+        "model.ckpt-2.index, model.ckpt-3.index",
+        capsys,
+    )
 
 
 def test_existing_output_folder_is_kept(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main(["--checkpoint", str(MNIST_CKPT), "--output_dir", str(out)]) == 1
-    assert "exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    _assert_error(["--checkpoint", str(MNIST_CKPT), "--output_dir", str(out)], "exists and is not empty", capsys)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_empty_output_folder_is_written_and_overwrite_replaces_a_full_one(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["--checkpoint", str(MNIST_CKPT), "--output_dir", str(out)]) == 0
+    (out / "old.txt").write_text("an earlier run's")
+    assert main(["--checkpoint", CIFAR_PATTERN.format(0), "--output_dir", str(out), "--overwrite_output_dir"]) == 0
+    assert not (out / "old.txt").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert _load(out).config.num_channels == 3
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_failed_parity_leaves_the_output_folder_as_it_was(converted, tmp_path, capsys):
+    """Parity is measured on the staged folder: when it fails, a new folder is not created, an existing one is
+    unchanged (with --overwrite_output_dir too), and no staging folder is left inside or beside it."""
+    nan_parity = {"logits": np.nan, "capsule_lengths": np.nan, "capsule_poses": 0.0}
+    new, existing = tmp_path / "new", tmp_path / "existing"
+    shutil.copytree(converted["mnist"], existing)
+    before = _folder_bytes(existing)
+    with mock.patch.object(converter, "measure_parity", return_value=nan_parity):
+        _assert_error(["--checkpoint", str(MNIST_CKPT), "--output_dir", str(new)], "capsule_lengths nan", capsys)
+        argv = ["--checkpoint", CIFAR_PATTERN.format(0), "--output_dir", str(existing), "--overwrite_output_dir"]
+        _assert_error(argv, "does not reproduce", capsys)
+    assert not new.exists() and _folder_bytes(existing) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_failed_verify_is_an_error(tmp_path, capsys):
+    import capsnet_hf.convert as command
+
+    out = tmp_path / "out"
+    with mock.patch.object(command, "measure_parity", return_value={"logits": 0.0, "capsule_lengths": 1e-3}):
+        _assert_error(
+            ["--checkpoint", str(MNIST_CKPT), "--output_dir", str(out), "--verify"], "--tolerance 0.0001", capsys
+        )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_trials", "2"], "--num_trials 2 needs a checkpoint pattern with '{}'"),
+        (["--tolerance", "nan"], "--tolerance must be a finite number >= 0, got nan"),
+        (["--tolerance", "-1"], "--tolerance must be a finite number >= 0, got -1"),
+        (["--image_size", "27"], "--image_size 27 does not fit; possible sizes: [20]"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    ],
+)
+def test_bad_flag_values(tmp_path, capsys, flags, message):
+    _assert_fails_cleanly(tmp_path, ["--checkpoint", str(MNIST_CKPT), *flags], message, capsys)
+
+
+@pytest.mark.parametrize("flag", ["--num_trials", "--image_size"])
+def test_flags_that_argparse_refuses(flag, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--checkpoint", str(MNIST_CKPT), "--output_dir", "x", flag, "0"])
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"capsnet-convert: error: argument {flag}") and "expected a positive integer" in last
+
+
+def test_num_trials_of_the_python_api(tmp_path):
+    with pytest.raises(UsageError, match="--num_trials must be at least 1, got 0"):
+        convert(str(MNIST_CKPT), tmp_path / "out", num_trials=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_that_cannot_be_created(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = ["--checkpoint", str(MNIST_CKPT), "--output_dir", str(tmp_path / "file" / "out")]
+    _assert_error(argv, "cannot create --output_dir", capsys)
+    _assert_error([*argv[:3], str(tmp_path / "file")], "is a file, not a folder", capsys)
 
 
 # -- Hub upload (mocked) -----------------------------------------------------------------------------------------
@@ -490,7 +569,11 @@ def test_push_to_hub_uploads_the_folder_in_one_commit(converted, tmp_path):
     assert "--output_dir capsnet-mnist-official" in card and "--hub_token" not in card
 
 
-def test_push_flag_needs_a_model_id(capsys):
-    with pytest.raises(SystemExit):
-        main(["--checkpoint", str(MNIST_CKPT), "--output_dir", "x", "--push_to_hub"])
-    assert "--push_to_hub needs --hub_model_id" in capsys.readouterr().err
+def test_conversion_parity_with_nan_is_an_error():
+    import math
+
+    from capsnet_hf.conversion.parity import parity_error
+
+    assert parity_error({"lengths": 1e-6, "poses": 2e-6, "logits": 5e-3}) == 2e-6
+    for parity in ({"lengths": math.nan, "poses": 0.0}, {"poses": 0.0, "lengths": math.nan}, {"logits": math.inf}):
+        assert parity_error({"poses": 0.0, **parity}) == math.inf

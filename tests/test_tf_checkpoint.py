@@ -103,6 +103,28 @@ def test_missing_data_shard(tmp_path):
         reader.read("conv1/weights")
 
 
+def test_unreadable_files_are_checkpoint_errors(tmp_path, monkeypatch):
+    """An OSError opening the index or a shard (permissions, I/O) is a one-line usage error, not a traceback."""
+    import builtins
+
+    from capsnet_hf.cli import UsageError
+
+    prefix = _copy(tmp_path)
+    reader = TFCheckpointReader(prefix)
+    real_open = builtins.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(prefix)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.ckpt-2\.index: Permission denied"):
+        TFCheckpointReader(prefix)
+    with pytest.raises(UsageError, match=r"cannot read .*model\.ckpt-2\.data-00000-of-00001: Permission denied"):
+        reader.read("conv1/weights")
+
+
 def test_truncated_data_file(tmp_path):
     prefix = _copy(tmp_path)
     data = Path(f"{prefix}.data-00000-of-00001")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import UsageError
+
 __all__ = ["CheckpointError", "TensorEntry", "TFCheckpointReader", "crc32c", "masked_crc32c"]
 
 TABLE_MAGIC = 0xDB4775248B80FB57
@@ -55,8 +57,8 @@ DTYPES: dict[int, tuple[str, np.dtype | None]] = {
 DTYPES_BY_NAME = {name: dtype for name, dtype in DTYPES.values() if dtype is not None}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupted or not a TensorFlow V2 checkpoint."""
+class CheckpointError(UsageError):
+    """A checkpoint file is missing, unreadable, truncated, corrupted or not a TensorFlow V2 checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,6 +245,16 @@ def _parse_entry(name: str, value: bytes) -> TensorEntry:
     return TensorEntry(name, DTYPES[dtype_code][0], tuple(shape), shard_id, offset, size, crc)
 
 
+def _read_file(path: Path, offset: int = 0, size: int = -1) -> bytes:
+    """`size` bytes of `path` from `offset` (all with -1); an unreadable file is a `CheckpointError`."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from error
+
+
 class TFCheckpointReader:
     """Reads the tensors of a TensorFlow V2 checkpoint without TensorFlow.
 
@@ -267,7 +279,7 @@ class TFCheckpointReader:
         self.index_path = Path(self.prefix + ".index")
         if not self.index_path.is_file():
             raise CheckpointError(f"checkpoint index file not found: {self.index_path}")
-        raw = self.index_path.read_bytes()
+        raw = _read_file(self.index_path)
         table = self._read_table(raw)
         if b"" not in table:
             raise CheckpointError(
@@ -418,9 +430,7 @@ class TFCheckpointReader:
                 f"{path} is truncated: tensor {entry.name!r} needs bytes {entry.offset}..{entry.offset + entry.size} "
                 f"but the file has {self._shard_sizes[entry.shard_id]}"
             )
-        with open(path, "rb") as f:
-            f.seek(entry.offset)
-            return f.read(entry.size)
+        return _read_file(path, entry.offset, entry.size)
 
     def _decode_strings(self, entry: TensorEntry, data: bytes, count: int) -> tuple[np.ndarray, bytes]:
         """Decode a string tensor: varint64 lengths, their masked CRC-32C, then the bytes.
