@@ -68,8 +68,8 @@ class CapsNetImageProcessor(PilBackend):
     Steps, per image, in this order:
 
     1. **Read** onto the working *pixel scale* 0..255 (float64). The scale of the input is set by its data type:
-       8-bit data (PIL modes L/RGB/RGBA/P/..., uint8 and other integer arrays) is on 0..255; 16-bit data (PIL modes
-       I;16* and I, uint16 arrays) on 0..65535; floating-point data (float arrays/tensors, PIL mode F) on 0..1;
+       8-bit data (PIL modes L/RGB/RGBA/P/..., 32-bit integer mode I, uint8 and other integer arrays) is on 0..255;
+       16-bit data (PIL modes I;16*, uint16 arrays) on 0..65535; floating-point data (float arrays/tensors, PIL mode F) on 0..1;
        booleans (PIL mode 1) on {0, 1}. Values outside that range, NaN and infinities raise `ValueError`. So float
        input already in [0, 1] is never rescaled twice: a uint8 image and the same image divided by 255 give the
        same output (up to float rounding). Arrays are `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1..4 (gray,
@@ -352,13 +352,26 @@ def _flatten_images(images: Any) -> list[Any]:
     raise TypeError(f"expected PIL images, NumPy arrays, torch tensors or paths/URLs, got {type(images).__name__}")
 
 
+def _check_pixel_count(width: int, height: int, what: str) -> None:
+    """Refuse an image larger than PIL's decompression-bomb limit before its pixels are decoded or copied."""
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{what} is {width}x{height} pixels, more than PIL's limit of {Image.MAX_IMAGE_PIXELS} "
+            "(PIL.Image.MAX_IMAGE_PIXELS): downsize it first"
+        )
+
+
 def _load_image(source: str) -> Image.Image:
     """A local file keeps its mode (e.g. 16-bit I;16); URLs and base64 strings go through transformers' loader."""
-    if os.path.isfile(source):
+    if not os.path.isfile(source):
+        return load_image(source)
+    try:
         with Image.open(source) as image:
+            _check_pixel_count(image.width, image.height, f"image file {source!r}")
             image.load()
             return image
-    return load_image(source)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for a corrupt file
+        raise ValueError(f"cannot decode image file {source!r}: {error}") from error
 
 
 def _as_numpy(image: Any) -> np.ndarray:
@@ -375,13 +388,15 @@ def _read_pil_image(image: Image.Image) -> np.ndarray:
     """PIL image -> float64 `(S, H, W)` on the 0..255 scale, S in 1..4 (gray, gray+alpha, RGB, RGBA)."""
     if image.width == 0 or image.height == 0:
         raise ValueError(f"zero-size image ({image.width}x{image.height})")
+    _check_pixel_count(image.width, image.height, "the image")
     if image.mode in _CONVERTED_MODES:
         image = image.convert(_CONVERTED_MODES[image.mode])
     elif image.mode not in _DIRECT_MODES:
         supported = sorted(_DIRECT_MODES + tuple(_CONVERTED_MODES))
         raise ValueError(f"unsupported PIL image mode {image.mode!r}; supported modes: {', '.join(supported)}")
     values = np.asarray(image)
-    full_scale = _FULL_SCALE_16BIT if image.mode.startswith("I") else _full_scale_of(values.dtype)
+    # I;16* are 16-bit files; "I" is 32-bit integer data, read like the int32 array it is.
+    full_scale = _FULL_SCALE_16BIT if image.mode.startswith("I;16") else _full_scale_of(values.dtype)
     values = _to_pixel_scale(values, full_scale, f"PIL mode {image.mode!r}")
     return values[None] if values.ndim == 2 else np.moveaxis(values, -1, 0)
 

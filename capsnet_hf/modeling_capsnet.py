@@ -25,11 +25,18 @@ LOGIT_EPSILON = 1e-6
 def squash(inputs: torch.Tensor, dim: int = -1, epsilon: float = 1e-9) -> torch.Tensor:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, in float32 whatever the input dtype.
 
-    `epsilon` sits under the square root so that the value and the gradient are finite (zero) at s = 0.
+    `epsilon` sits under the square root so that the value and the gradient are finite (zero) at s = 0. s is first
+    divided by a power of two S >= 1 near its largest entry, and Eq. 1 rewritten in s / S: scaling by a power of two is
+    exact, so the result is bitwise the plain formula's, which overflows to NaN once |s|^2 leaves float32's range.
     """
     inputs = inputs.float()
-    squared_norm = inputs.pow(2).sum(dim, keepdim=True)
-    return inputs * (squared_norm / ((1.0 + squared_norm) * torch.sqrt(squared_norm + epsilon)))
+    exponent = torch.log2(inputs.detach().abs().amax(dim, keepdim=True).clamp(min=1.0)).ceil().clamp(max=126.0)
+    inverse_square = torch.exp2(-2.0 * exponent)  # 1 / S^2
+    scaled = inputs / torch.exp2(exponent)
+    squared_norm = scaled.pow(2).sum(dim, keepdim=True)
+    return scaled * (
+        squared_norm / ((inverse_square + squared_norm) * torch.sqrt(squared_norm + epsilon * inverse_square))
+    )
 
 
 def capsule_length(capsules: torch.Tensor, dim: int = -1, epsilon: float = 1e-9) -> torch.Tensor:

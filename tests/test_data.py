@@ -1,5 +1,7 @@
 """Data layer: column detection, checks, decode-once tensors and the batched on-device transforms."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +178,23 @@ def test_epoch_order_slices_each_epochs_permutation_drawn_once():
     # Same epoch: a view of the same device tensor, not a new permutation.
     assert order.indices(1, 0, 4).untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
     assert torch.equal(order.indices(2, 96, 8), epoch_permutation(100, 3, 2)[96:])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_image_names_the_dataset_split_and_row(tmp_path, damage):
+    import datasets
+
+    from capsnet_hf.data.splits import load_splits
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 128, dtype=np.uint8)).save(buffer, format="PNG")
+    good = buffer.getvalue()
+    bad = good[: len(good) // 2] if damage == "truncated" else b"not an image at all"
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    rows = {"image": [{"bytes": good, "path": None}] * 3 + [{"bytes": bad, "path": None}], "label": [0, 1, 0, 1]}
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    with pytest.raises(DataError, match=r"cannot decode the image in row 3 of split 'train' of '.*data'"):
+        load_splits(str(folder), "train", "test")

@@ -107,7 +107,7 @@ INPUT_KINDS = {
     "pil_LA_opaque": lambda g: Image.fromarray(g).convert("LA"),
     "pil_P": _palette_image,
     "pil_I;16": lambda g: Image.fromarray(g.astype(np.uint16) * 257),
-    "pil_I": lambda g: Image.fromarray(g.astype(np.int32) * 257),
+    "pil_I": lambda g: Image.fromarray(g.astype(np.int32)),  # 32-bit integers, read like an int32 array
     "pil_F_unit_scale": lambda g: Image.fromarray((g / 255.0).astype(np.float32)),
     "np_HW_uint8": lambda g: g,
     "np_HWC1_uint8": lambda g: g[:, :, None],
@@ -213,7 +213,7 @@ def test_bilevel_and_16_bit_scales():
     np.testing.assert_allclose(pixels(CapsNetImageProcessor(size=size), bilevel)[0, 0], [[1, 0]])
     sixteen = np.array([[65535, 32768]], dtype=np.uint16)
     big_endian = Image.frombytes("I;16B", (2, 1), sixteen.astype(">u2").tobytes())
-    for image in (sixteen, Image.fromarray(sixteen), big_endian, Image.fromarray(sixteen.astype(np.int32))):
+    for image in (sixteen, Image.fromarray(sixteen), big_endian):
         values = pixels(CapsNetImageProcessor(size=size), image)[0, 0, 0]
         np.testing.assert_allclose(values, [1.0, 32768 / 65535], atol=1e-7)
 
@@ -487,7 +487,10 @@ BAD_IMAGES = {
     "float_on_0_255_scale": (np.full((28, 28), 200.0), r"must lie in \[0, 1\].*divide by 255"),
     "negative": (np.full((28, 28), -1, np.int64), r"must lie in \[0, 255\]"),
     "int_above_255": (np.full((28, 28), 300, np.int32), r"must lie in \[0, 255\]"),
-    "mode_I_above_16_bit": (Image.fromarray(np.full((4, 4), 70000, np.int32)), r"must lie in \[0, 65535\]"),
+    "mode_I_above_8_bit": (
+        Image.fromarray(np.full((4, 4), 300, np.int32)),
+        r"PIL mode 'I' values must lie in \[0, 255\]",
+    ),
     "ambiguous_layout": (np.zeros((3, 4, 4), np.uint8), "ambiguous channel axis"),
     "no_channel_axis": (np.zeros((28, 28, 5), np.uint8), "unknown channel axis"),
     "complex_dtype": (np.zeros((28, 28), np.complex64), "unsupported pixel data type"),
@@ -538,3 +541,28 @@ def test_bad_options_raise_value_error(options, message, digit):
         CapsNetImageProcessor(**options)
     with pytest.raises(ValueError, match=message):
         CapsNetImageProcessor()(digit, **options)
+
+
+def test_a_corrupt_image_file_is_named(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes((FIXTURES / "mnist_7.png").read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"cannot decode image file '.*broken.png'"):
+        CapsNetImageProcessor()(str(path))
+
+
+def test_mode_i_reads_like_the_same_int32_array():
+    values = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.int32)
+    image = Image.fromarray(values)
+    assert image.mode == "I"
+    processor = CapsNetImageProcessor()
+    np.testing.assert_array_equal(pixels(processor, image), pixels(processor, values))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("L", (300, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    for image in (str(path), Image.new("L", (300, 200))):
+        with pytest.raises(ValueError, match="is 300x200 pixels, more than PIL's limit of 50000"):
+            CapsNetImageProcessor()(image)

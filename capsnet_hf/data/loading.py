@@ -101,6 +101,18 @@ def _open_image(value: Any) -> Image.Image:
     raise DataError(f"cannot read an image from a value of type {type(value).__name__}")
 
 
+def _decoded(value: Any, where: str, row: int) -> Image.Image:
+    """The fully decoded image of one row; a corrupt or truncated one is a `DataError` naming the row."""
+    try:
+        image = _open_image(value)
+        image.load()  # PIL decodes lazily: a truncated file fails here, not in the middle of training
+    except DataError as error:
+        raise DataError(f"row {row} of {where}: {error}") from error
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a corrupt or truncated file
+        raise DataError(f"cannot decode the image in row {row} of {where}: {error}") from error
+    return image
+
+
 def _crop_or_pad(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Centre crop / zero pad `[H, W, C]` (TensorFlow's `resize_image_with_crop_or_pad`)."""
     for axis, target in ((0, height), (1, width)):
@@ -128,7 +140,7 @@ def decode_images(
     (height, width) are resized (PIL bilinear) or centre-cropped/padded, per `resize_mode`; without `image_size`,
     images of mixed sizes raise `DataError`.
     """
-    images = [_open_image(value) for value in values]
+    images = [_decoded(value, where, row) for row, value in enumerate(values)]
     if not images:
         raise DataError(f"{where} has no images")
     if num_channels is None:

@@ -181,6 +181,8 @@ def load_splits(
         if limit is not None:
             split = split.shuffle(seed=seed).select(range(min(limit, len(split))))
         where = f"split {split_name!r} of {dataset_name!r}"
+        if limit is not None:
+            where += f" (rows of its subset shuffled with seed {seed})"
         return dataset_to_tensors(
             split, image_column, label_column, num_classes, channels, size, resize_mode, id2label, where
         )
