@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from capsnet_hf.training.metrics import (
-    accuracy,
     confusion_matrix,
-    error_rate,
     label_sets,
     multi_digit_correct,
     multi_digit_error,
@@ -49,17 +47,6 @@ def test_label_sets_validation():
         label_sets(torch.tensor([[1.0, 0, 0, 0, 0]]), 5)
     with pytest.raises(ValueError, match="distinct"):
         label_sets(torch.tensor([[2, 2]]), 5)
-
-
-def test_accuracy_and_error_rate():
-    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]])
-    labels = torch.tensor([0, 1, 2, 1])
-    assert accuracy(scores, labels) == pytest.approx(0.75)
-    assert error_rate(scores, labels) == pytest.approx(25.0)
-    one_hot = torch.nn.functional.one_hot(labels, 3)
-    assert accuracy(scores, one_hot) == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="score rows"):
-        accuracy(scores, labels[:3])
 
 
 def test_confusion_matrix():

@@ -11,9 +11,7 @@ from capsnet_hf.data.paper_datasets import (
     ExpandedMNIST,
     MultiMNIST,
     load_affnist_mat,
-    load_mnist_arrays,
     place_digits,
-    to_iterable_dataset,
 )
 
 
@@ -143,15 +141,6 @@ class TestMultiMNIST:
         with pytest.raises(ValueError, match="overlay"):
             MultiMNIST(images, labels, overlay="mean")
 
-    def test_iterable_dataset(self):
-        data = MultiMNIST(*random_digits(count=10), pairs_per_digit=2, seed=0)
-        rows = list(to_iterable_dataset(data, batch_size=7))
-        assert len(rows) == 20
-        expected = data.batch(range(20))
-        assert np.allclose(np.asarray(rows[13]["pixel_values"], dtype=np.float32), expected["pixel_values"][13])
-        assert np.array_equal(np.asarray(rows[13]["labels"]), expected["labels"][13].numpy())
-        assert np.asarray(rows[13]["reconstruction_targets"]).shape == (2, 1, 36, 36)
-
 
 class TestExpandedMNIST:
     def test_placement_within_six_pixels(self):
@@ -273,37 +262,3 @@ def test_load_affnist_mat_errors(tmp_path):
     (tmp_path / "text.mat").write_text("not a mat file")
     with pytest.raises(ValueError):
         load_affnist_mat(tmp_path / "text.mat")
-
-
-def test_load_mnist_arrays_from_a_local_parquet_dataset(tmp_path):
-    import datasets
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    arrays = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    dataset = datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(a) for a in arrays], "label": [0, 1, 2, 3, 4, 5]}, features=features
-    )
-    (tmp_path / "data").mkdir()
-    dataset.to_parquet(str(tmp_path / "data" / "test-00000-of-00001.parquet"))
-    images, labels = load_mnist_arrays(str(tmp_path), split="test", limit=4)
-    assert images.dtype == torch.uint8 and images.shape == (4, 28, 28)
-    assert np.array_equal(images.numpy(), arrays[:4])
-    assert labels.tolist() == [0, 1, 2, 3]
-
-
-def test_iter_batches_covers_every_example_once():
-    data = ExpandedMNIST(*random_digits(count=20), variants_per_digit=3, seed=0)
-    for shuffle in (False, True):
-        batches = list(data.iter_batches(batch_size=16, shuffle=shuffle, epoch=1))
-        assert [len(batch["labels"]) for batch in batches] == [16, 16, 16, 12]
-        pixels = torch.cat([batch["pixel_values"] for batch in batches])
-        reference = data.batch(range(60))["pixel_values"]
-        # Same multiset of images: each reference image is matched as often as among the references themselves.
-        matches = (pixels.flatten(1)[:, None] == reference.flatten(1)[None]).all(-1)  # [60, 60]
-        self_matches = (reference.flatten(1)[:, None] == reference.flatten(1)[None]).all(-1)
-        assert torch.equal(matches.sum(0), self_matches.sum(0))
-    first = torch.cat([b["labels"] for b in data.iter_batches(16, shuffle=True, epoch=1)])
-    second = torch.cat([b["labels"] for b in data.iter_batches(16, shuffle=True, epoch=2)])
-    assert not torch.equal(first, second), "each epoch has its own order"

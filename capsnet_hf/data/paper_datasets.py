@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -140,20 +140,6 @@ class _DigitGenerator(abc.ABC):
         if index < 0:
             index += len(self)
         return {key: value[0] for key, value in self.batch([index]).items()}
-
-    def iter_batches(
-        self, batch_size: int, shuffle: bool = False, epoch: int = 0
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield `batch(...)` dicts covering every example once; with `shuffle`, in an order fixed by
-        `(seed, epoch)`."""
-        if shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self), generator=generator)
-        else:
-            order = torch.arange(len(self))
-        for start in range(0, len(self), batch_size):
-            yield self.batch(order[start : start + batch_size])
-
 
 class MultiMNIST(_DigitGenerator):
     r"""The MultiMNIST set of the paper (Section 6), generated on demand.
@@ -442,40 +428,6 @@ def load_affnist_mat(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return result
 
 
-def load_mnist_arrays(
-    path_or_name: str = "mnist", split: str = "train", limit: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST-like images `[N, 28, 28]` uint8 and labels `[N]` int64 from a Hub dataset (name or local folder with
-    `image` and `label` columns) via `datasets.load_dataset`; `limit` keeps the first examples."""
-    import datasets
-
-    dataset = datasets.load_dataset(path_or_name, split=split)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    image_column = "image" if "image" in dataset.column_names else "img"
-    label_column = "label" if "label" in dataset.column_names else "labels"
-    for column in (image_column, label_column):
-        if column not in dataset.column_names:
-            raise ValueError(f"{path_or_name!r} has no {column!r} column (columns: {dataset.column_names})")
-    images = np.stack([np.asarray(image.convert("L"), dtype=np.uint8) for image in dataset[image_column]])
-    return torch.from_numpy(images), torch.as_tensor(dataset[label_column], dtype=torch.int64)
-
-
-def to_iterable_dataset(generator: _DigitGenerator, batch_size: int = 1024):
-    """A `datasets.IterableDataset` streaming every example of a generator (numpy arrays, generated batch by batch,
-    nothing stored), for users of the `datasets` API. The `digit_labels`/`transforms` keys are kept."""
-    import datasets
-
-    def examples(generator=generator, batch_size=batch_size):
-        for start in range(0, len(generator), batch_size):
-            batch = generator.batch(range(start, min(start + batch_size, len(generator))))
-            batch = {key: value.cpu().numpy() for key, value in batch.items()}
-            for row in range(next(iter(batch.values())).shape[0]):
-                yield {key: value[row] for key, value in batch.items()}
-
-    return datasets.IterableDataset.from_generator(examples)
-
-
 __all__ = [
     "AFFNIST_CANVAS",
     "AFFNIST_ROTATION_DEGREES",
@@ -486,7 +438,5 @@ __all__ = [
     "MultiMNIST",
     "affine_matrices",
     "load_affnist_mat",
-    "load_mnist_arrays",
     "place_digits",
-    "to_iterable_dataset",
 ]

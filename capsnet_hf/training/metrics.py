@@ -85,20 +85,6 @@ def predictions(scores: Any) -> torch.Tensor:
     return _scores(scores).argmax(dim=1)
 
 
-def accuracy(scores: Any, labels: Any) -> float:
-    """Fraction of examples whose highest-scoring class is the label (indices `[B]` or one-hot `[B, J]`)."""
-    scores = _scores(scores)
-    targets = _class_indices(labels, scores.shape[1]).to(scores.device)
-    if targets.shape[0] != scores.shape[0]:
-        raise ValueError(f"{scores.shape[0]} score rows for {targets.shape[0]} labels")
-    return (scores.argmax(dim=1) == targets).float().mean().item()
-
-
-def error_rate(scores: Any, labels: Any) -> float:
-    """Test error in percent: 100 * (1 - accuracy)."""
-    return 100.0 * (1.0 - accuracy(scores, labels))
-
-
 def confusion_matrix(predicted: Any, labels: Any, num_classes: int) -> torch.Tensor:
     """Counts `[num_classes, num_classes]` int64: row = true class, column = predicted class."""
     predicted = _tensor(predicted).long().reshape(-1)
@@ -113,9 +99,7 @@ def confusion_matrix(predicted: Any, labels: Any, num_classes: int) -> torch.Ten
 
 
 __all__ = [
-    "accuracy",
     "confusion_matrix",
-    "error_rate",
     "label_sets",
     "multi_digit_correct",
     "multi_digit_error",
