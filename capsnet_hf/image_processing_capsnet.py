@@ -241,22 +241,8 @@ class CapsNetImageProcessor(PilBackend):
         return np.clip(np.stack(planes).astype(np.float64), 0.0, 255.0)
 
     def crop_or_pad(self, image: np.ndarray, size: SizeDict) -> np.ndarray:
-        """
-        Centre-crop or zero-pad `(C, H, W)` to `(C, size.height, size.width)`, each dimension independently, as
-        TensorFlow's `resize_image_with_crop_or_pad`: a crop starts at `(H - height) // 2`; a pad puts
-        `(height - H) // 2` rows before and the rest after (same for columns).
-        """
-        for axis, target in ((1, size.height), (2, size.width)):
-            current = image.shape[axis]
-            if current > target:
-                start = (current - target) // 2
-                image = np.take(image, np.arange(start, start + target), axis=axis)
-            elif current < target:
-                before = (target - current) // 2
-                pad_width = [(0, 0)] * 3
-                pad_width[axis] = (before, target - current - before)
-                image = np.pad(image, pad_width, mode="constant", constant_values=0.0)
-        return image
+        """Centre-crop or zero-pad `(C, H, W)` to `(C, size.height, size.width)` ([`crop_or_pad`])."""
+        return crop_or_pad(image, size.height, size.width, axes=(1, 2))
 
     def center_crop(self, image: np.ndarray, size: SizeDict, **kwargs) -> np.ndarray:
         """Standard `do_center_crop`: the same centre crop-or-pad as `resize_mode="crop_or_pad"`."""
@@ -319,6 +305,25 @@ class CapsNetImageProcessor(PilBackend):
         if data_format is not None and ChannelDimension(data_format) == ChannelDimension.LAST:
             batch = batch.transpose(0, 2, 3, 1)
         return BatchFeature(data={"pixel_values": batch.astype(np.float32)}, tensor_type=return_tensors)
+
+
+def crop_or_pad(pixels: np.ndarray, height: int, width: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """
+    Centre-crop or zero-pad the two `axes` of `pixels` to `height` and `width`, each independently, as TensorFlow's
+    `resize_image_with_crop_or_pad`: a crop starts at `(H - height) // 2`; a pad puts `(height - H) // 2` rows before
+    and the rest after (same for columns).
+    """
+    for axis, target in zip(axes, (height, width), strict=True):
+        current = pixels.shape[axis]
+        if current > target:
+            start = (current - target) // 2
+            pixels = np.take(pixels, np.arange(start, start + target), axis=axis)
+        elif current < target:
+            before = (target - current) // 2
+            pad_width = [(0, 0)] * pixels.ndim
+            pad_width[axis] = (before, target - current - before)
+            pixels = np.pad(pixels, pad_width, mode="constant", constant_values=0)
+    return pixels
 
 
 def standardize_per_image(batch: np.ndarray) -> np.ndarray:

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from ..cli import DataError
+from ..image_processing_capsnet import crop_or_pad
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img")
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
-RESIZE_MODES = ("resize", "crop_or_pad")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -113,20 +113,6 @@ def _decoded(value: Any, where: str, row: int) -> Image.Image:
     return image
 
 
-def _crop_or_pad(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Centre crop / zero pad `[H, W, C]` (TensorFlow's `resize_image_with_crop_or_pad`)."""
-    for axis, target in ((0, height), (1, width)):
-        current = pixels.shape[axis]
-        if current > target:
-            start = (current - target) // 2
-            pixels = np.take(pixels, np.arange(start, start + target), axis=axis)
-        elif current < target:
-            pad = [(0, 0)] * 3
-            pad[axis] = ((target - current) // 2, target - current - (target - current) // 2)
-            pixels = np.pad(pixels, pad)
-    return pixels
-
-
 def decode_images(
     values: Sequence[Any],
     num_channels: int | None = None,
@@ -161,7 +147,7 @@ def decode_images(
             image = image.resize((width, height), Image.BILINEAR)
         pixels = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, num_channels)
         if pixels.shape[:2] != (height, width):
-            pixels = _crop_or_pad(pixels, height, width)
+            pixels = crop_or_pad(pixels, height, width)
         output[index] = pixels
     return torch.from_numpy(output).permute(0, 3, 1, 2).contiguous()
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from ..cli import DataError
+from ..image_processing_capsnet import RESIZE_MODES
 from .loading import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
-    RESIZE_MODES,
     ImageTensorDataset,
     check_labels,
     class_names,
