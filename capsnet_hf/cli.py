@@ -105,13 +105,15 @@ def _remove_stale_partials(directory: str, prefix: str) -> None:
 @contextlib.contextmanager
 def write_aside(final: str | os.PathLike, folder: bool = False) -> Iterator[str]:
     """Yield a temporary path beside `final` to write into (a folder with `folder=True`); when the block succeeds
-    it takes `final`'s place with the usual file modes, when it raises it is removed and `final` is untouched.
+    it takes `final`'s place with the usual file modes, when it raises it is removed and `final` is untouched (or, if
+    this call created it, removed).
 
     A file is renamed over `final` (atomic). A folder's entries are moved into `final` (created if needed; other
     entries, such as checkpoints, stay) with `config.json` removed first and moved in last, so that a run killed
     meanwhile leaves the old model, a folder that is not a model, or the new model, never new weights beside an old
     config. Temporaries of killed runs are removed first."""
     final = os.fspath(final)
+    created = folder and not os.path.exists(final)
     if folder:
         os.makedirs(final, exist_ok=True)
         _remove_stale_partials(final, PARTIAL_PREFIX)
@@ -131,6 +133,10 @@ def write_aside(final: str | os.PathLike, folder: bool = False) -> Iterator[str]
         else:
             os.chmod(staging, usual_file_mode())
             os.replace(staging, final)
+    except BaseException:
+        if created:  # a folder this call created holds nothing else
+            shutil.rmtree(final, ignore_errors=True)
+        raise
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
@@ -178,17 +184,12 @@ def _looks_like_a_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def load_model_and_processor(name: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """The image-classification model saved at `name` (a folder or a Hub id) and its image processor (its
-    `preprocessor_config.json`, else the processor matching the model's input geometry).
+def load_pretrained_model(loader: Any, name: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained(name, **kwargs)` (an Auto class or a model class) for a folder or a Hub id.
 
     A missing path, a folder that is not a model, unreadable weights and weights that do not match the config
     (missing, unexpected or differently shaped tensors) are one-line `UsageError`s: a partly random model would
-    otherwise evaluate with exit status 0."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from .image_processing_capsnet import CapsNetImageProcessor
-
+    otherwise evaluate, or train on, with exit status 0."""
     if not os.path.exists(name) and _looks_like_a_path(name):
         raise UsageError(f"model {name!r} does not exist")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
@@ -196,19 +197,16 @@ def load_model_and_processor(name: str, trust_remote_code: bool = False) -> tupl
     if os.path.exists(name) and not os.path.isdir(name):
         raise UsageError(f"{name!r} is a file, not a model folder")
     try:
-        model, loading = AutoModelForImageClassification.from_pretrained(
-            name, trust_remote_code=trust_remote_code, output_loading_info=True
-        )
+        model, loading = loader.from_pretrained(name, output_loading_info=True, **kwargs)
     except Exception as error:  # transformers, safetensors and json raise many types for one broken folder
         if "ignore_mismatched_sizes" in str(error):
             raise UsageError(f"the weights of {name!r} do not match its config.json (differently shaped)") from error
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot load a model from {name!r}: {detail}") from error
-    mismatched = [key for key, *_ in loading.get("mismatched_keys", [])]
     problems = {
         "missing": loading.get("missing_keys", []),
         "unexpected": loading.get("unexpected_keys", []),
-        "differently shaped": mismatched,
+        "differently shaped": [key for key, *_ in loading.get("mismatched_keys", [])],
     }
     found = [
         f"{kind}: {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"
@@ -217,6 +215,17 @@ def load_model_and_processor(name: str, trust_remote_code: bool = False) -> tupl
     ]
     if found:
         raise UsageError(f"the weights of {name!r} do not match its config.json ({'; '.join(found)})")
+    return model
+
+
+def load_model_and_processor(name: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The image-classification model saved at `name` (a folder or a Hub id, checked by [`load_pretrained_model`])
+    and its image processor (its `preprocessor_config.json`, else the one matching the model's input geometry)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .image_processing_capsnet import CapsNetImageProcessor
+
+    model = load_pretrained_model(AutoModelForImageClassification, name, trust_remote_code=trust_remote_code)
     try:
         processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError:  # no preprocessor_config.json: the processor of the model's input geometry

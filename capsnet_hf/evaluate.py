@@ -21,7 +21,7 @@ import torch
 
 from .cli import DataError, UsageError, load_model_and_processor, positive_int, run_command, write_aside
 from .data.batching import BatchTransform
-from .data.splits import PAPER_DATASETS, load_paper_splits, load_splits
+from .data.splits import load_splits
 from .kernels.cpu_routing import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
 from .training import metrics
 from .training.mixed_precision import MIXED_PRECISION_CHOICES, accelerate_device, describe, resolve_mixed_precision
@@ -198,37 +198,26 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("\n".join(kernel_notes), file=sys.stderr)  # stdout is the JSON metrics
     config = models[0].config
     id2label = {int(key): value for key, value in config.id2label.items()}
-    if args.dataset_name in PAPER_DATASETS:
-        splits = load_paper_splits(
-            args.dataset_name,
-            args.source_dataset_name,
-            train=False,
-            variants_per_digit=1,
-            eval_variants_per_digit=args.eval_variants_per_digit,
-            seed=args.seed,
-            max_eval_samples=args.max_eval_samples,
-            device=accelerator.device,
-        )
-    else:
-        splits = load_splits(
-            args.dataset_name,
-            None,
-            args.split,
-            dataset_config_name=args.dataset_config_name,
-            image_column=args.image_column_name,
-            label_column=args.label_column_name,
-            max_eval_samples=args.max_eval_samples,
-            image_size=None if processor.resize_mode == "crop_or_pad" else list(config.image_size),
-            resize_mode=processor.resize_mode,
-            num_classes=config.num_labels,
-            num_channels=config.num_channels,
-            seed=args.seed,
-        )
+    splits = load_splits(
+        args.dataset_name,
+        None,
+        args.split,
+        dataset_config_name=args.dataset_config_name,
+        image_column=args.image_column_name,
+        label_column=args.label_column_name,
+        max_eval_samples=args.max_eval_samples,
+        image_size=None if processor.resize_mode == "crop_or_pad" else list(config.image_size),
+        resize_mode=processor.resize_mode,
+        num_classes=config.num_labels,
+        num_channels=config.num_channels,
+        seed=args.seed,
+        source_dataset_name=args.source_dataset_name,
+        eval_variants_per_digit=args.eval_variants_per_digit,
+        device=accelerator.device,
+    )
     dataset = splits.eval
-    if hasattr(dataset, "to"):
-        dataset = dataset.to(accelerator.device)
     transform = BatchTransform.from_image_processor(processor)
-    channels = getattr(dataset, "num_channels", config.num_channels)
+    channels = dataset.num_channels
     if channels != config.num_channels:
         raise UsageError(f"the images have {channels} channels, the model takes {config.num_channels}")
     if len(dataset) == 0:

@@ -84,6 +84,12 @@ def test_write_aside_folder_failure_leaves_the_old_model(tmp_path):
     assert os.listdir(folder) == ["config.json"] and (folder / "config.json").read_text() == "old"
 
 
+def test_write_aside_folder_failure_removes_a_folder_it_created(tmp_path):
+    with pytest.raises(RuntimeError), write_aside(tmp_path / "new", folder=True):
+        raise RuntimeError("conversion failed")
+    assert not (tmp_path / "new").exists()
+
+
 def test_write_aside_removes_a_killed_runs_temporaries(tmp_path):
     folder = tmp_path / "model"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

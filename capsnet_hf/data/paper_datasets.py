@@ -122,6 +122,12 @@ class _DigitGenerator(abc.ABC):
     def __len__(self) -> int:
         return self.images.shape[0] * self.variants_per_digit
 
+    num_channels = 1
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.canvas_size, self.canvas_size)
+
     def _indices(self, indices: torch.Tensor | Sequence[int] | range | int) -> torch.Tensor:
         if not isinstance(indices, torch.Tensor):
             indices = torch.as_tensor(np.asarray(indices))
@@ -140,6 +146,7 @@ class _DigitGenerator(abc.ABC):
         if index < 0:
             index += len(self)
         return {key: value[0] for key, value in self.batch([index]).items()}
+
 
 class MultiMNIST(_DigitGenerator):
     r"""The MultiMNIST set of the paper (Section 6), generated on demand.

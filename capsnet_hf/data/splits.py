@@ -121,6 +121,10 @@ def load_splits(
     num_channels: int | None = None,
     seed: int = 0,
     train_val_split: float | None = None,
+    source_dataset_name: str = "ylecun/mnist",
+    variants_per_digit: int = 1,
+    eval_variants_per_digit: int = 1,
+    device: str | torch.device | None = None,
 ) -> LoadedSplits:
     """Load, check and decode a training and/or an evaluation split of an image-classification data set.
 
@@ -129,8 +133,61 @@ def load_splits(
     3 if any image has colour, else 1). `num_classes` (a model's) bounds the labels; by default
     it is the `ClassLabel`'s number of names, else 1 + the largest training label. Subsets (`max_*_samples`) are the
     first examples after a shuffle fixed by `seed`, as in transformers' examples. Every problem raises `DataError`.
-    A path ending in `.npz` is an archive of [`save_npz_splits`], read without `datasets` (no resizing).
+    A path ending in `.npz` is an archive of [`save_npz_splits`], read without `datasets` (no resizing); a name in
+    `PAPER_DATASETS` is generated from `source_dataset_name` ([`load_paper_splits`]). The splits end up on `device`
+    (default: CPU).
     """
+    if dataset_name in PAPER_DATASETS:
+        return load_paper_splits(
+            dataset_name,
+            source_dataset_name,
+            train=train_split is not None,
+            variants_per_digit=variants_per_digit,
+            eval_variants_per_digit=eval_variants_per_digit,
+            seed=seed,
+            max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples,
+            device=device,
+        )
+    loaded = _load_image_splits(
+        dataset_name,
+        train_split,
+        eval_split,
+        dataset_config_name,
+        image_column,
+        label_column,
+        max_train_samples,
+        max_eval_samples,
+        image_size,
+        resize_mode,
+        num_classes,
+        num_channels,
+        seed,
+        train_val_split,
+    )
+    if device is not None:
+        loaded.train = None if loaded.train is None else loaded.train.to(device)
+        loaded.eval = None if loaded.eval is None else loaded.eval.to(device)
+    return loaded
+
+
+def _load_image_splits(
+    dataset_name: str,
+    train_split: str | None,
+    eval_split: str | None,
+    dataset_config_name: str | None,
+    image_column: str | None,
+    label_column: str | None,
+    max_train_samples: int | None,
+    max_eval_samples: int | None,
+    image_size: Sequence[int] | None,
+    resize_mode: str,
+    num_classes: int | None,
+    num_channels: int | None,
+    seed: int,
+    train_val_split: float | None,
+) -> LoadedSplits:
+    """[`load_splits`] of a `datasets` data set or an `.npz` archive, decoded on CPU."""
     if resize_mode not in RESIZE_MODES:
         raise DataError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
     if str(dataset_name).endswith(NPZ_SUFFIX):

@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpointing_steps", default=None, help="save_state every N steps, or 'epoch'")
     add("--checkpoints_total_limit", type=int, default=2, help="keep this many newest checkpoints")
     add("--resume_from_checkpoint", default=None, help="'latest' (in --output_dir) or a checkpoint folder")
+    add(
+        "--allow_resume_changes",
+        action="store_true",
+        help="resume although the data set, batch size, seed, learning rate or augmentation differ from the run's",
+    )
     add("--load_best_model_at_end", action="store_true", help="save the best-evaluating model, not the last")
     add("--logging_steps", type=int, default=50)
     add("--eval_steps", type=int, default=None, help="evaluate every N steps (default: after every epoch)")

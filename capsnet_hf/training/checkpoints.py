@@ -89,18 +89,117 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict[str, An
     accelerator.wait_for_everyone()
 
 
-def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str:
+def _checkpoint_problem(folder: str) -> str | None:
+    """Why `folder` cannot be resumed from (a killed or damaged write), or None."""
+    try:
+        with open(os.path.join(folder, TRAINING_STATE_FILE), encoding="utf-8") as handle:
+            json.load(handle)
+    except FileNotFoundError:
+        return f"it is not a checkpoint of capsnet-train (no {TRAINING_STATE_FILE})"
+    except (OSError, ValueError) as error:
+        return f"its {TRAINING_STATE_FILE} is unreadable ({error})"
+    from safetensors import SafetensorError, safe_open
+
+    weights = [name for name in os.listdir(folder) if name.endswith(".safetensors")]
+    if not weights:
+        return "it holds no model weights"
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), "pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except (SafetensorError, OSError) as error:
+            return f"its {name} is unreadable ({error})"
+    return None
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str, report=print) -> str:
+    """The checkpoint folder to resume from: the given one, or for "latest" the newest readable one of
+    `output_dir` (a damaged newest checkpoint is reported and skipped)."""
     if resume_from_checkpoint != "latest":
         if not os.path.exists(resume_from_checkpoint):
             raise UsageError(f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist")
-        if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE_FILE)):
-            raise UsageError(
-                f"{resume_from_checkpoint!r} is not a checkpoint of capsnet-train (no {TRAINING_STATE_FILE})"
-            )
+        problem = _checkpoint_problem(resume_from_checkpoint)
+        if problem:
+            raise UsageError(f"cannot resume from {resume_from_checkpoint!r}: {problem}")
         return resume_from_checkpoint
     checkpoints = list_checkpoints(output_dir)
     if not checkpoints:
         raise UsageError(
             f"--resume_from_checkpoint latest: no checkpoint in {os.path.join(output_dir, CHECKPOINT_DIR)!r}"
         )
-    return checkpoints[-1]
+    for folder in reversed(checkpoints):
+        problem = _checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        report(f"skipping checkpoint {folder}: {problem}")
+    raise UsageError(f"--resume_from_checkpoint latest: no readable checkpoint in {output_dir!r}")
+
+
+# Arguments a resumed run must share with the run it continues: they fix the example order, the augmentation and
+# the schedule, so changing one silently makes a different run. The length of training may change.
+RUN_ARGUMENTS = (
+    "dataset_name",
+    "dataset_config_name",
+    "train_split_name",
+    "max_train_samples",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "learning_rate",
+    "lr_decay_rate",
+    "lr_decay_steps",
+    "min_learning_rate",
+    "image_size",
+    "resize_mode",
+    "do_standardize",
+    "augmentation",
+    "max_shift",
+    "model_type",
+)
+
+
+def run_identity(args, train_data, eval_data, num_processes: int) -> dict[str, Any]:
+    """What a checkpoint records to recognise its run: the arguments of `RUN_ARGUMENTS`, the process count and a
+    fingerprint of the training data (sizes and a hash of the labels and first images)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(f"{len(train_data)} {len(eval_data)}".encode())
+    for name in ("labels", "images"):
+        values = getattr(train_data, name, None)
+        if values is not None:
+            digest.update(np.ascontiguousarray(values[:1024].cpu().numpy()).tobytes())
+    arguments = {name: getattr(args, name) for name in RUN_ARGUMENTS}
+    arguments["image_size"] = list(arguments["image_size"]) if arguments["image_size"] else None
+    return {"arguments": arguments, "num_processes": num_processes, "data_fingerprint": digest.hexdigest()[:16]}
+
+
+def load_checkpoint(accelerator, checkpoint: str, identity: dict[str, Any], allow_changes: bool) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG states from `checkpoint` and return the loop's saved state; a
+    checkpoint of a different run (arguments or data) is an error unless `allow_changes`."""
+    with open(os.path.join(checkpoint, TRAINING_STATE_FILE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    recorded = state.get("run")
+    if recorded is not None and not allow_changes:
+        changed = [
+            f"{name} {recorded['arguments'].get(name)!r} -> {value!r}"
+            for name, value in identity["arguments"].items()
+            if recorded["arguments"].get(name) != value
+        ]
+        if recorded.get("num_processes") != identity["num_processes"]:
+            changed.append(f"processes {recorded.get('num_processes')} -> {identity['num_processes']}")
+        if recorded.get("data_fingerprint") != identity["data_fingerprint"]:
+            changed.append("the training data")
+        if changed:
+            raise UsageError(
+                f"{checkpoint!r} is a checkpoint of another run ({'; '.join(changed)}): resume with the same "
+                "arguments, or pass --allow_resume_changes"
+            )
+    try:
+        accelerator.load_state(checkpoint)
+    except Exception as error:  # torch, safetensors and accelerate raise many types for a damaged checkpoint
+        raise UsageError(f"cannot resume from {checkpoint!r}: {str(error).splitlines()[0]}") from error
+    state["run"] = identity
+    return state

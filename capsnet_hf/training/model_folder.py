@@ -4,76 +4,65 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..cli import give_usual_file_modes
+from ..cli import write_aside
 from .checkpoints import BEST_MODEL_DIR, CHECKPOINT_DIR
 
 
 def save_best_model(accelerator, model, output_dir: str) -> None:
     """`save_pretrained` of the current weights into `checkpoints/best_model` (written aside, then renamed)."""
-    if not accelerator.is_main_process:
-        return
-    final = os.path.join(output_dir, CHECKPOINT_DIR, BEST_MODEL_DIR)
-    partial = final + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    accelerator.unwrap_model(model).save_pretrained(partial)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+    if accelerator.is_main_process:
+        with write_aside(os.path.join(output_dir, CHECKPOINT_DIR, BEST_MODEL_DIR), folder=True) as partial:
+            accelerator.unwrap_model(model).save_pretrained(partial)
 
 
-def save_model_folder(
-    args,
-    command,
-    model,
-    processor,
-    train_results,
-    eval_results,
-    eval_data,
-    eval_transform,
-    num_train_examples,
-    steps_per_epoch,
-    max_train_steps,
-) -> None:
-    """Write model (safetensors), image processor, results, reconstruction figure and model card into a temporary
-    folder beside `--output_dir`, then move each file into `--output_dir` (checkpoints and logs stay)."""
+@dataclass
+class TrainingRecord:
+    """What the model folder reports about a finished run: the command, results and schedule."""
+
+    command: str
+    train_results: dict[str, Any]
+    eval_results: dict[str, Any]
+    num_train_examples: int
+    steps_per_epoch: int
+    max_train_steps: int
+
+
+def save_model_folder(args, model, processor, record: TrainingRecord, eval_data, eval_transform) -> None:
+    """Model (safetensors), image processor, results, reconstruction figure and model card into `--output_dir`,
+    written aside and moved in with `config.json` last (`cli.write_aside`); checkpoints and logs stay."""
     from ..hub import render_trained_model_card
 
-    partial = os.path.join(args.output_dir, ".partial_model")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
-    for name, values in (("train_results.json", train_results), ("eval_results.json", eval_results)):
-        with open(os.path.join(partial, name), "w", encoding="utf-8") as handle:
-            json.dump(values, handle, indent=2)
-    figure = None
-    if getattr(model.config, "use_decoder", False):
-        figure = "reconstructions.png"
-        save_reconstruction_figure(model, eval_data, eval_transform, os.path.join(partial, figure))
-    if args.model_type == "baseline_cnn":
-        write_baseline_card(os.path.join(partial, "README.md"), command, train_results, eval_results)
-    else:
+    with write_aside(args.output_dir, folder=True) as partial:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+        for name, values in (("train_results.json", record.train_results), ("eval_results.json", record.eval_results)):
+            with open(os.path.join(partial, name), "w", encoding="utf-8") as handle:
+                json.dump(values, handle, indent=2)
+        figure = None
+        if getattr(model.config, "use_decoder", False):
+            figure = "reconstructions.png"
+            save_reconstruction_figure(model, eval_data, eval_transform, os.path.join(partial, figure))
+        if args.model_type == "baseline_cnn":
+            write_baseline_card(
+                os.path.join(partial, "README.md"), record.command, record.train_results, record.eval_results
+            )
+            return
         card = render_trained_model_card(
-            args={**vars(args), "command": command},
+            args={**vars(args), "command": record.command},
             config=model.config,
-            train_results=train_results,
-            eval_results=eval_results,
-            num_train_examples=num_train_examples,
-            steps_per_epoch=steps_per_epoch,
-            max_train_steps=max_train_steps,
+            train_results=record.train_results,
+            eval_results=record.eval_results,
+            num_train_examples=record.num_train_examples,
+            steps_per_epoch=record.steps_per_epoch,
+            max_train_steps=record.max_train_steps,
             figure=figure,
         )
         card.save(os.path.join(partial, "README.md"))
-    give_usual_file_modes(partial)
-    for name in os.listdir(partial):
-        target = os.path.join(args.output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(partial, name), target)
-    os.rmdir(partial)
 
 
 def write_baseline_card(path: str, command: str, train_results: dict[str, Any], eval_results: dict[str, Any]) -> None:
