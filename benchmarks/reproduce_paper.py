@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package, installed or not
 from capsnet_hf.cli import UsageError  # noqa: E402
 from capsnet_hf.data.splits import load_splits, save_npz_splits  # noqa: E402
-from capsnet_hf.training.arguments import MODEL_ARGUMENTS  # noqa: E402
+from capsnet_hf.training.arguments import MODEL_FLAGS  # noqa: E402
 from capsnet_hf.training.recipes import RECIPES  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ PAPER = {
 STAGE_WEIGHTS = {"mnist": 10, "multimnist": 4, "expanded_capsnet": 3, "expanded_baseline": 3}
 # Minutes a stage spends outside its training loop (start-up, data, final evaluation, saving, figures).
 STAGE_OVERHEAD_MINUTES = 0.4
-CAPSNET_ONLY_FLAGS = {f"--{name}" for name in (*MODEL_ARGUMENTS, "decoder_hidden_sizes", "config_overrides")}
+CAPSNET_ONLY_FLAGS = {f"--{name}" for name in (*MODEL_FLAGS, "config_overrides")}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -212,7 +212,7 @@ def reproduce(args: argparse.Namespace, train_args: list[str], argv: list[str] |
     if on_gpu and not args.no_compile:
         common.append("--torch_compile")
     # The recipe's lr_decay_steps count steps of 128 examples: keep its decay per epoch at this batch size.
-    recipe = RECIPES[args.recipe] if args.recipe in RECIPES else {}
+    recipe = RECIPES[args.recipe]["training"] if args.recipe in RECIPES else {}
     decay_steps = max(1, round(recipe.get("lr_decay_steps", 2000) * 128 / batch_size))
     capsnet = ["--recipe", args.recipe, *common, "--lr_decay_steps", str(decay_steps), *train_args]
     baseline = [*common, "--lr_decay_steps", str(decay_steps), *_without_capsnet_flags(train_args)]

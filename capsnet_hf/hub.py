@@ -55,9 +55,11 @@ def render_trained_model_card(
     figure: str | None = None,
 ):
     """The card of a model trained by `capsnet-train` (template `trained_capsnet`): metadata with a model-index of
-    the measured test accuracy, the recipe and hyperparameters, the results and the reconstruction figure."""
+    the measured test accuracy, the recipe, the training hyperparameters, the config options that differ from the
+    defaults, the results and the reconstruction figure."""
     from huggingface_hub import EvalResult
 
+    from .configuration_capsnet import changed_options
     from .training.recipes import RECIPES
 
     dataset = args["dataset_name"]
@@ -103,16 +105,11 @@ def render_trained_model_card(
         ("training steps", max_train_steps),
         ("augmentation", _augmentation_text(args)),
         ("preprocessing", "per-image standardization" if args.get("do_standardize") else "rescale to [0, 1]"),
-        ("routing iterations", config.routing_iterations),
-        ("leaky routing", config.leaky_routing),
-        ("primary capsule types", config.primary_capsule_types),
-        ("padding", config.padding),
-        ("reconstruction decoder", config.use_decoder),
-        ("reconstruction loss weight", config.reconstruction_loss_weight if config.use_decoder else "-"),
-        ("margin loss reduction", config.margin_loss_reduction),
         ("mixed precision", args.get("mixed_precision") or "no"),
         ("seed", args["seed"]),
     ]
+    default = type(config)()
+    changed = [(name, value, getattr(default, name)) for name, value in changed_options(config).items()]
     loss = eval_results.get("eval_loss")
     fields = {
         "model_name": model_name,
@@ -135,6 +132,7 @@ def render_trained_model_card(
         "figure": figure,
         "command": args.get("command") or "capsnet-train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "hyperparameters": hyperparameters,
+        "changed_options": changed,
         "train_steps": train_results["train_steps"],
         "epochs": train_results["epochs"],
         "train_examples_seen": train_results["train_examples_seen"],
@@ -142,7 +140,7 @@ def render_trained_model_card(
         "num_processes": train_results.get("num_processes", 1),
         "device": train_results.get("device", "cpu"),
         "recipe": args.get("recipe"),
-        "recipe_epochs": RECIPES[args["recipe"]]["num_train_epochs"] if args.get("recipe") else None,
+        "recipe_epochs": RECIPES[args["recipe"]]["training"]["num_train_epochs"] if args.get("recipe") else None,
     }
     return render_model_card("trained_capsnet", fields, card_data)
 

@@ -11,7 +11,6 @@ from capsnet_hf.paper.baseline_cnn import (
     PAPER_PARAMETER_COUNT,
     BaselineCNNConfig,
     BaselineCNNForImageClassification,
-    count_parameters,
 )
 
 TINY = {"conv_channels": [4, 4, 2], "hidden_sizes": [8, 6]}
@@ -22,8 +21,8 @@ def test_parameter_count_matches_the_paper_on_mnist():
     assert config.padding == "same"
     with torch.device("meta"):
         model = BaselineCNNForImageClassification(config)
-    assert count_parameters(model) == PAPER_PARAMETER_COUNT == 35_445_522
-    assert round(count_parameters(model) / 1e6, 1) == 35.4
+    assert model.num_parameters() == PAPER_PARAMETER_COUNT == 35_445_522
+    assert round(model.num_parameters() / 1e6, 1) == 35.4
 
 
 def test_expanded_mnist_input_keeps_the_parameter_count():
@@ -31,7 +30,7 @@ def test_expanded_mnist_input_keeps_the_parameter_count():
     assert config.padding == "valid" and config.feature_map_size == (28, 28)
     with torch.device("meta"):
         model = BaselineCNNForImageClassification(config)
-    assert count_parameters(model) == PAPER_PARAMETER_COUNT
+    assert model.num_parameters() == PAPER_PARAMETER_COUNT
 
 
 def test_forward_loss_and_dropout():

@@ -96,3 +96,23 @@ def test_train_push_to_hub_publishes_the_model_folder_with_our_card(tmp_path, fa
     accuracy = json.loads((output_dir / "eval_results.json").read_text())["eval_accuracy"]
     assert card.data.model_name == "tiny-capsnet" and card.data.eval_results[0].metric_value == round(accuracy, 6)
     assert 'from_pretrained("org/tiny-capsnet")' in card.text and "--push_to_hub" in card.text
+
+
+def test_trained_card_lists_the_options_that_differ_from_the_defaults():
+    from capsnet_hf import CapsNetConfig
+
+    args = {
+        "dataset_name": "ylecun/mnist", "output_dir": "out/capsnet", "learning_rate": 1e-3, "lr_decay_rate": 0.96,
+        "lr_decay_steps": 2000, "min_learning_rate": 1e-6, "per_device_train_batch_size": 128,
+        "gradient_accumulation_steps": 1, "seed": 0, "command": "capsnet-train ...",
+    }  # fmt: skip
+    train_results = {"train_steps": 1, "epochs": 0.1, "train_examples_seen": 128, "train_runtime_seconds": 1.0}
+    eval_results = {"eval_accuracy": 0.5, "eval_error_percent": 50.0}
+
+    def card(config):
+        return hub.render_trained_model_card(args, config, train_results, eval_results, 128, 469, 1).text
+
+    changed = card(CapsNetConfig(routing_iterations=2, padding="same", id2label={i: str(i) for i in range(10)}))
+    rows = [line for line in changed.splitlines() if line.startswith("| `")]
+    assert rows == ["| `padding` | same | valid |", "| `routing_iterations` | 2 | 3 |"]
+    assert "every option at its default" in card(CapsNetConfig(id2label={i: str(i) for i in range(10)}))

@@ -6,10 +6,21 @@ import json
 import pytest
 
 from capsnet_hf import CapsNetConfig
+from capsnet_hf.configuration_capsnet import model_options, option_kind
 from capsnet_hf.training.arguments import parse_args
 
+# Every integer option counts or sizes something.
+POSITIVE_SIZES = [field.name for field in model_options(CapsNetConfig) if option_kind(field) == "int"]
 
-@pytest.mark.parametrize("name", CapsNetConfig.POSITIVE_SIZES)
+
+def test_the_model_sizes_are_the_integer_options():
+    assert POSITIVE_SIZES == [
+        "num_channels", "conv1_channels", "conv1_kernel_size", "primary_capsule_types", "primary_capsule_dim",
+        "primary_kernel_size", "primary_stride", "capsule_dim", "routing_iterations", "num_ensemble_members",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", POSITIVE_SIZES)
 @pytest.mark.parametrize("value", [0, -1, 2.5, True])
 def test_every_model_size_must_be_a_positive_integer(name, value):
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
@@ -23,11 +34,20 @@ def test_every_model_size_must_be_a_positive_integer(name, value):
         ({"squash_epsilon": 0.0}, "squash_epsilon must be a positive number"),
         ({"squash_epsilon": float("nan")}, "squash_epsilon must be a positive number"),
         ({"image_size": 0}, "image_size must be a positive int"),
+        ({"image_size": [28, 28, 1]}, "image_size must be a positive int"),
+        ({"leaky_routing": 1}, "leaky_routing must be true or false, got 1"),
+        ({"bias_init": "0.1"}, "bias_init must be a number, got '0.1'"),
+        ({"margin_loss_reduction": "sum"}, "margin_loss_reduction must be one of"),
+        ({"num_ensemble_members": 2}, "an ensemble .* has no decoder"),
     ],
 )
 def test_other_model_values_are_checked(values, message):
     with pytest.raises(ValueError, match=message):
         CapsNetConfig(**values)
+
+
+def test_an_int_is_a_valid_float_option():
+    assert CapsNetConfig(bias_init=0, reconstruction_loss_weight=1).bias_init == 0
 
 
 BASE = ["--dataset_name", "x", "--output_dir", "y"]
@@ -96,21 +116,11 @@ def test_a_diverging_run_stops_and_publishes_nothing(tmp_path, capsys):
     from capsnet_hf.train import main
 
     dataset = write_dataset(tmp_path / "data", {"train": 32, "test": 8}, size=(16, 16))
-    argv = tiny_args(dataset, tmp_path / "out", "--max_train_steps", "6", "--learning_rate", "1e9")
+    argv = tiny_args(dataset, tmp_path / "out", "--max_train_steps", "6", "--learning_rate", "1e30")
     assert main(argv) == 2
     (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert error.startswith("capsnet-train: error: ") and "no model was saved" in error
     assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "README.md").exists()
-
-
-def test_conversion_parity_with_nan_is_an_error():
-    import math
-
-    from capsnet_hf.conversion.official import parity_error
-
-    assert parity_error({"lengths": 1e-6, "poses": 2e-6, "logits": 5e-3}) == 2e-6
-    for parity in ({"lengths": math.nan, "poses": 0.0}, {"poses": 0.0, "lengths": math.nan}, {"logits": math.inf}):
-        assert parity_error({"poses": 0.0, **parity}) == math.inf
 
 
 @pytest.mark.parametrize("kernel", [False, True])

@@ -20,77 +20,73 @@ the last map at 28x28. Activations are ReLU; the dropout rate (not given in the 
 Initialisation is PyTorch's default for `nn.Conv2d`/`nn.Linear` (the paper does not give one).
 """
 
-from __future__ import annotations
-
-from collections.abc import Sequence
+# No `from __future__ import annotations`: the config's field annotations are read at run time.
+from typing import Literal
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
+
+from ..configuration_capsnet import DeclaredOptionsConfig, option
 
 PAPER_PARAMETER_COUNT = 35_445_522  # 28x28x1 input, "same" padding (or 40x40x1 with "valid"): the paper's 35.4M
 MNIST_SIZE = 28
 
 
-class BaselineCNNConfig(PreTrainedConfig):
+class BaselineCNNConfig(DeclaredOptionsConfig):
     r"""
     Configuration of [`BaselineCNNForImageClassification`]. The defaults build the paper's 35.4M-parameter baseline
-    for 28x28x1 MNIST.
-
-    Args:
-        num_channels (`int`, defaults to 1): channels of the input image.
-        image_size (`int` or `(height, width)`, defaults to 28): input size (stored as `[height, width]`).
-        conv_channels (`list[int]`, defaults to `[256, 256, 128]`): output channels of the 5x5 stride-1 ReLU convs.
-        kernel_size (`int`, defaults to 5): odd kernel size of every convolution.
-        padding (`str`, defaults to `"auto"`): `"same"`, `"valid"` or `"auto"`, which resolves (and is stored) as
-            `"valid"` when every valid convolution brings the input down to 28x28 (40x40 expanded MNIST: the paper's
-            parameter count) and `"same"` otherwise.
-        hidden_sizes (`list[int]`, defaults to `[328, 192]`): fully connected ReLU layers.
-        dropout (`float`, defaults to 0.5): dropout rate before the softmax classifier.
-        Without `num_labels`/`id2label` there are 10 classes.
+    for 28x28x1 MNIST; each option is documented where it is declared below. Without `num_labels`/`id2label` there
+    are 10 classes.
     """
 
     model_type = "capsnet_baseline_cnn"
 
-    def __init__(
-        self,
-        num_channels: int = 1,
-        image_size: int | Sequence[int] = MNIST_SIZE,
-        conv_channels: Sequence[int] = (256, 256, 128),
-        kernel_size: int = 5,
-        padding: str = "auto",
-        hidden_sizes: Sequence[int] = (328, 192),
-        dropout: float = 0.5,
-        **kwargs,
-    ):
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        if not conv_channels or any(c < 1 for c in conv_channels) or any(h < 1 for h in hidden_sizes):
-            raise ValueError(f"layer sizes must be >= 1, got conv {list(conv_channels)}, hidden {list(hidden_sizes)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        shrink = len(conv_channels) * (kernel_size - 1)
-        if padding == "auto":
-            padding = "valid" if (height - shrink, width - shrink) == (MNIST_SIZE, MNIST_SIZE) else "same"
-        if padding not in ("same", "valid"):
-            raise ValueError(f"padding must be 'same', 'valid' or 'auto', got {padding!r}")
-        if padding == "valid" and min(height, width) - shrink < 1:
+    num_channels: int = option(1, "channels of the input image", architecture=True)
+    image_size: int | list[int] | tuple[int, int] = option(
+        MNIST_SIZE, "input size, one int or (height, width)", architecture=True
+    )
+    conv_channels: list[int] | tuple[int, ...] = option(
+        (256, 256, 128), "output channels of the ReLU convolutions (stride 1)", architecture=True
+    )
+    kernel_size: int = option(5, "odd kernel size of every convolution", architecture=True)
+    padding: Literal["auto", "same", "valid"] = option(
+        "auto",
+        "'auto' resolves (and is stored) as 'valid' when valid convolutions bring the input down to 28x28 (40x40 "
+        "expanded MNIST: the paper's parameter count), else as 'same'",
+        architecture=True,
+    )
+    hidden_sizes: list[int] | tuple[int, ...] = option((328, 192), "fully connected ReLU layers", architecture=True)
+    dropout: float = option(0.5, "dropout rate before the softmax classifier")
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None:
+            kwargs.setdefault("num_labels", 10)
+        super().__post_init__(**kwargs)
+        if self.padding == "auto":
+            shrink = len(self.conv_channels) * (self.kernel_size - 1)
+            valid_size = (self.image_size[0] - shrink, self.image_size[1] - shrink)
+            self.padding = "valid" if valid_size == (MNIST_SIZE, MNIST_SIZE) else "same"
+
+    def validate_kernel_size_is_odd(self) -> None:
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+
+    def validate_layers(self) -> None:
+        if not self.conv_channels:
+            raise ValueError("conv_channels must hold at least one convolution")
+
+    def validate_dropout(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+    def validate_geometry(self) -> None:
+        if self.padding == "valid" and min(self.feature_map_size) < 1:
             raise ValueError(
-                f"image_size {[height, width]} is too small for {len(conv_channels)} valid {kernel_size}x{kernel_size}"
-                " convolutions"
+                f"image_size {self.image_size} is too small for {len(self.conv_channels)} valid "
+                f"{self.kernel_size}x{self.kernel_size} convolutions"
             )
-        self.num_channels = int(num_channels)
-        self.image_size = [int(height), int(width)]
-        self.conv_channels = [int(c) for c in conv_channels]
-        self.kernel_size = int(kernel_size)
-        self.padding = padding
-        self.hidden_sizes = [int(h) for h in hidden_sizes]
-        self.dropout = float(dropout)
-        if "num_labels" not in kwargs and "id2label" not in kwargs:
-            kwargs["num_labels"] = 10
-        super().__init__(**kwargs)
 
     @property
     def feature_map_size(self) -> tuple[int, int]:
@@ -157,15 +153,9 @@ class BaselineCNNForImageClassification(BaselineCNNPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(parameter.numel() for parameter in module.parameters() if parameter.requires_grad)
-
-
 __all__ = [
     "PAPER_PARAMETER_COUNT",
     "BaselineCNNConfig",
     "BaselineCNNForImageClassification",
     "BaselineCNNPreTrainedModel",
-    "count_parameters",
 ]

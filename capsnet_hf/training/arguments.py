@@ -6,45 +6,41 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
-from ..cli import UsageError
+from ..cli import UsageError, parse_bool
+from ..configuration_capsnet import CapsNetConfig, model_options, option_kind
 from ..data.splits import PAPER_DATASETS
 from ..kernels.cpu_routing import cpu_routing_kernel_mode
 from .mixed_precision import MIXED_PRECISION_CHOICES
 from .recipes import RECIPES, preset_defaults
 
-# CapsNetConfig fields settable from the command line (None: keep the config's default or the pretrained value).
-MODEL_ARGUMENTS: dict[str, Any] = {
-    "conv1_channels": int,
-    "conv1_kernel_size": int,
-    "primary_capsule_types": int,
-    "primary_capsule_dim": int,
-    "primary_kernel_size": int,
-    "primary_stride": int,
-    "padding": str,
-    "capsule_dim": int,
-    "routing_iterations": int,
-    "leaky_routing": "bool",
-    "routing_bias": "bool",
-    "detach_inner_votes": "bool",
-    "use_decoder": "bool",
-    "reconstruction_loss_weight": float,
-    "margin_loss_reduction": str,
-}
-
+# CapsNetConfig options that are no flags: the data set decides them (build_config passes them).
+NOT_MODEL_FLAGS = ("num_channels", "image_size")
+# Every other CapsNetConfig option is a flag of the same name (None: keep the config's or the pretrained value).
+MODEL_FLAGS = tuple(field.name for field in model_options(CapsNetConfig) if field.name not in NOT_MODEL_FLAGS)
+FLAG_TYPES = {"int": int, "float": float, "bool": parse_bool, "choice": str, "ints": int}
 
 MODEL_TYPES = ("capsnet", "baseline_cnn")
 
 
-def _bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per CapsNetConfig option in MODEL_FLAGS: its type from the annotation, its help from the field."""
+    for field in model_options(CapsNetConfig):
+        if field.name not in MODEL_FLAGS:
+            continue
+        kind = option_kind(field)
+        if kind not in FLAG_TYPES:
+            raise TypeError(f"CapsNetConfig.{field.name} has no flag type: list it in NOT_MODEL_FLAGS or give it one")
+        default = list(field.default) if kind == "ints" else field.default
+        parser.add_argument(
+            f"--{field.name}",
+            type=FLAG_TYPES[kind],
+            nargs="+" if kind == "ints" else None,
+            choices=get_args(field.type) if kind == "choice" else None,
+            default=None,
+            help=f"{field.metadata['help']} (CapsNetConfig default: {default})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Preprocessing and augmentation (on the device, per batch).
     add("--image_size", type=int, nargs="+", default=None, help="model input (height [width]); default: the data's")
     add("--resize_mode", choices=("resize", "crop_or_pad"), default="resize")
-    add("--do_standardize", type=_bool, default=False, help="per-image standardization instead of rescaling to 0..1")
+    add(
+        "--do_standardize",
+        type=parse_bool,
+        default=False,
+        help="per-image standardization instead of rescaling to 0..1",
+    )
     add("--augmentation", choices=("none", "shift", "cifar"), default="none")
     add("--max_shift", type=int, default=2, help="'shift': largest shift in pixels (zero padding)")
     add("--max_brightness_delta", type=float, default=63.0, help="'cifar': brightness delta on the 0..255 scale")
@@ -90,13 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="'baseline_cnn': the paper's baseline CNN (capsnet_hf.baseline_cnn), trained the same way",
     )
     add("--model_name_or_path", default=None, help="start from a saved model (of --model_type) instead of a fresh one")
-    for name, kind in MODEL_ARGUMENTS.items():
-        add(f"--{name}", type=_bool if kind == "bool" else kind, default=None, help="CapsNetConfig." + name)
-    add("--decoder_hidden_sizes", type=int, nargs="+", default=None, help="CapsNetConfig.decoder_hidden_sizes")
+    add_model_flags(parser)
     add(
         "--config_overrides",
         default=None,
-        help="any other config fields, transformers' convention: 'initializer_range=0.01,bias_init=0.0'",
+        help="config fields in transformers' convention, over the flags: 'initializer_range=0.01,bias_init=0.0'",
     )
     # Optimization.
     add("--num_train_epochs", type=int, default=3)
@@ -165,7 +164,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     presets, _ = pre.parse_known_args(argv)
     known = {action.dest for action in parser._actions} - {"help", "recipe", "config_file"}
     try:
-        parser.set_defaults(**checked_presets(parser, preset_defaults(presets.recipe, presets.config_file, known)))
+        values = preset_defaults(presets.recipe, presets.config_file, set(MODEL_FLAGS), known - set(MODEL_FLAGS))
+        parser.set_defaults(**checked_presets(parser, values))
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     args = parser.parse_args(argv)
@@ -265,9 +265,9 @@ def checked_presets(parser: argparse.ArgumentParser, values: dict[str, Any]) -> 
                 raise ValueError(f"{flag} must be an integer, got {item!r}")
             if action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
                 raise ValueError(f"{flag} must be a number, got {item!r}")
-            if action.type is _bool:
+            if action.type is parse_bool:
                 try:
-                    items[index] = item = _bool(item if isinstance(item, bool) else str(item))
+                    items[index] = item = parse_bool(item)
                 except argparse.ArgumentTypeError as error:
                     raise ValueError(f"{flag}: {error}") from error
             if isinstance(item, (list, dict)):
@@ -280,19 +280,25 @@ def checked_presets(parser: argparse.ArgumentParser, values: dict[str, Any]) -> 
 
 def build_config(args: argparse.Namespace, num_channels: int, image_size: Sequence[int], id2label: dict[int, str]):
     """A `CapsNetConfig` (or, with `--model_type baseline_cnn`, a `BaselineCNNConfig`) for the data (channels, size,
-    class names), with the command line's architecture values (CapsNet only)."""
-    from ..configuration_capsnet import CapsNetConfig
+    class names), with the command line's model options (CapsNet only), then `--config_overrides`."""
     from ..paper.baseline_cnn import BaselineCNNConfig
 
-    values = {name: getattr(args, name) for name in (*MODEL_ARGUMENTS, "decoder_hidden_sizes")}
-    values = {name: value for name, value in values.items() if value is not None}
+    values = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
     config_class = CapsNetConfig
     if args.model_type == "baseline_cnn":
         if values:
             raise UsageError(f"--{', --'.join(values)} set CapsNet options; --model_type baseline_cnn has none")
         config_class = BaselineCNNConfig
+    try:
+        if args.model_name_or_path is not None:
+            config = config_class.from_pretrained(args.model_name_or_path, **values)
+            config.validate()  # from_pretrained sets the flags' values after its own checks
+        else:
+            labels = {"id2label": id2label, "label2id": {name: index for index, name in id2label.items()}}
+            config = config_class(num_channels=num_channels, image_size=list(image_size), **labels, **values)
+    except ValueError as error:
+        raise UsageError(f"{config_class.__name__}: {error}") from error
     if args.model_name_or_path is not None:
-        config = config_class.from_pretrained(args.model_name_or_path, **values)
         if (config.num_channels, tuple(config.image_size), config.num_labels) != (
             num_channels,
             tuple(image_size),
@@ -303,18 +309,10 @@ def build_config(args: argparse.Namespace, num_channels: int, image_size: Sequen
                 f"{config.num_labels} classes; the data has {num_channels}x{list(image_size)} and {len(id2label)}"
             )
         config.id2label, config.label2id = id2label, {name: index for index, name in id2label.items()}
-    else:
-        config = config_class(
-            num_channels=num_channels,
-            image_size=list(image_size),
-            id2label=id2label,
-            label2id={name: index for index, name in id2label.items()},
-            **values,
-        )
     if args.config_overrides:
         try:
             config.update_from_string(args.config_overrides)
-            type(config)(**config.to_dict())  # the same checks as a config built with these values
+            config.validate()
         except (ValueError, TypeError) as error:
             raise UsageError(f"--config_overrides {args.config_overrides!r}: {error}") from error
     return config

@@ -21,8 +21,13 @@ NOT_PUBLISHED = (f"{CHECKPOINT_DIR}/*", f"{TRACKER_PROJECT}/*", LOG_FILE, LOCK_F
 
 
 def check_output_dir(output_dir: str, config: Any, overwrite: bool, resuming: bool) -> None:
-    """Refuse an output folder that holds a different model (not a CapsNet of the same architecture), or checkpoints
-    of an earlier run that a new run would mix with its own (resume it, or pass --overwrite_output_dir)."""
+    """Refuse an output folder that holds a different model, or checkpoints of an earlier run that a new run would
+    mix with its own (resume it, or pass --overwrite_output_dir). A different model: another model type or number of
+    labels, or another value of an option declared with `architecture=True` (a key missing from config.json has its
+    default, as in `to_diff_dict`); options that leave the weights alone (routing, losses, initialisation) may
+    differ."""
+    from ..configuration_capsnet import architecture_options
+
     if overwrite or resuming:
         return
     if list_checkpoints(output_dir):
@@ -34,23 +39,20 @@ def check_output_dir(output_dir: str, config: Any, overwrite: bool, resuming: bo
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as handle:
-        existing = json.load(handle)
-    new = config.to_dict()
-    existing["num_labels"], new["num_labels"] = len(existing.get("id2label", {})), len(new["id2label"])
-    keys = (
-        "model_type",
-        "num_channels",
-        "image_size",
-        "num_labels",
-        "conv1_channels",
-        "primary_capsule_types",
-        "primary_capsule_dim",
-        "capsule_dim",
-        "padding",
-        "use_decoder",
-        "num_ensemble_members",
-    )
-    different = [key for key in keys if existing.get(key) != new.get(key)]
+        saved = json.load(handle)
+    different = ["model_type"] if saved.get("model_type") != config.model_type else []
+    if not different:
+        try:
+            existing = type(config).from_dict(saved)
+        except (ValueError, TypeError) as error:
+            raise UsageError(
+                f"--output_dir {output_dir!r} holds a config.json that is no valid {type(config).__name__} ({error}); "
+                "choose another folder or pass --overwrite_output_dir"
+            ) from error
+        options = architecture_options(type(config))
+        different = [name for name in options if getattr(existing, name) != getattr(config, name)]
+    if len(saved.get("id2label", {})) != len(config.id2label):
+        different.append("num_labels")
     if different:
         raise UsageError(
             f"--output_dir {output_dir!r} holds a different model ({', '.join(different)} differ); "
