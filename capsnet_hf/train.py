@@ -315,13 +315,63 @@ def evaluate_model(args, accelerator, model, data: TrainingData, state: dict[str
     return result
 
 
+def optimizer_step(args, accelerator, model, train_forward, optimizer, data: TrainingData, order, step: int):
+    """One optimizer step of `gradient_accumulation_steps` micro-batches, each this process's slice of the step's
+    examples, augmented on the device from a generator seeded by (seed, step, micro-batch, process); returns the
+    summed [loss, margin loss, reconstruction loss] of its micro-batches."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    epoch, position = divmod(step, data.steps_per_epoch)
+    batch_size = args.per_device_train_batch_size
+    losses = torch.zeros(3, device=device)
+    model.train()
+    for micro in range(args.gradient_accumulation_steps):
+        start = ((position * args.gradient_accumulation_steps + micro) * world + rank) * batch_size
+        batch = data.train.batch(order.indices(epoch, start, batch_size))
+        generator = make_generator(device, args.seed, step, micro, rank)
+        inputs = {
+            "pixel_values": data.train_transform(batch["pixel_values"].to(device), generator),
+            "labels": batch["labels"].to(device),
+        }
+        if "reconstruction_targets" in batch:
+            inputs["reconstruction_targets"] = batch["reconstruction_targets"].to(device)
+        with accelerator.accumulate(model):
+            outputs = train_forward(**inputs)
+            accelerator.backward(outputs.loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        parts = [outputs.loss, getattr(outputs, "margin_loss", None), getattr(outputs, "reconstruction_loss", None)]
+        losses += torch.stack([p.detach().float() if p is not None else torch.zeros((), device=device) for p in parts])
+    return losses
+
+
+def log_training_window(args, accelerator, scheduler, data: TrainingData, state, mean_losses, images_per_second):
+    """Log the mean losses of the micro-batches since the last log (over all processes); a non-finite loss stops
+    training before anything is saved."""
+    means = accelerator.reduce(mean_losses, "mean").tolist()
+    if not math.isfinite(means[0]):
+        raise UsageError(
+            f"the training loss became {means[0]} by step {state['step']} (is the learning rate too high?); "
+            "training stopped and no model was saved"
+        )
+    values = {
+        "train_loss": means[0],
+        "train_margin_loss": means[1],
+        "train_reconstruction_loss": means[2],
+        "learning_rate": scheduler.get_last_lr()[0],
+        "epoch": state["step"] / data.steps_per_epoch,
+        "train_images_per_second": images_per_second,
+    }
+    log_metrics(accelerator, args.output_dir, values, state["step"])
+    state["last_train_loss"] = means[0]
+
+
 def run_training_loop(args, accelerator, model, optimizer, scheduler, data: TrainingData, state, started: float):
     """Optimizer steps from `state["step"]` to the end (one iteration = gradient_accumulation_steps micro-batches),
     logging, evaluating and checkpointing on schedule; returns the last evaluation. `--max_train_minutes` may end
     the run early, at a step that then logs and evaluates (`data.max_train_steps` is set to it)."""
     from tqdm.auto import tqdm
 
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
     train_forward = model
     if args.torch_compile:
         train_forward = torch.compile(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
@@ -336,32 +386,8 @@ def run_training_loop(args, accelerator, model, optimizer, scheduler, data: Trai
     deadline = None if args.max_train_minutes is None else time.time() + 60 * args.max_train_minutes
     batch_size = args.per_device_train_batch_size
     for step in range(state["step"], data.max_train_steps):
-        epoch, position = divmod(step, data.steps_per_epoch)
-        model.train()
-        for micro in range(args.gradient_accumulation_steps):
-            start = ((position * args.gradient_accumulation_steps + micro) * world + rank) * batch_size
-            batch = data.train.batch(order.indices(epoch, start, batch_size))
-            generator = make_generator(device, args.seed, step, micro, rank)
-            inputs = {
-                "pixel_values": data.train_transform(batch["pixel_values"].to(device), generator),
-                "labels": batch["labels"].to(device),
-            }
-            if "reconstruction_targets" in batch:
-                inputs["reconstruction_targets"] = batch["reconstruction_targets"].to(device)
-            with accelerator.accumulate(model):
-                outputs = train_forward(**inputs)
-                accelerator.backward(outputs.loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            parts = [
-                outputs.loss,
-                getattr(outputs, "margin_loss", None),
-                getattr(outputs, "reconstruction_loss", None),
-            ]
-            running += torch.stack(
-                [p.detach().float() if p is not None else torch.zeros((), device=device) for p in parts]
-            )
-            window_micro_batches += 1
+        running += optimizer_step(args, accelerator, model, train_forward, optimizer, data, order, step)
+        window_micro_batches += args.gradient_accumulation_steps
         scheduler.step()
         state["step"] = step + 1
         state["train_examples_seen"] = state["train_examples_seen"] + data.examples_per_step
@@ -371,25 +397,15 @@ def run_training_loop(args, accelerator, model, optimizer, scheduler, data: Trai
             data.max_train_steps = state["step"]  # this step is the last: it logs, evaluates and ends the loop
 
         if state["step"] % args.logging_steps == 0 or state["step"] == data.max_train_steps:
-            means = (accelerator.reduce(running, "mean") / window_micro_batches).tolist()
-            if not math.isfinite(means[0]):
-                progress.close()  # the message on a line of its own
-                raise UsageError(
-                    f"the training loss became {means[0]} by step {state['step']} (is the learning rate too high?); "
-                    "training stopped and no model was saved"
+            images_per_second = window_micro_batches * batch_size * world / max(time.time() - window_start, 1e-9)
+            try:
+                log_training_window(
+                    args, accelerator, scheduler, data, state, running / window_micro_batches, images_per_second
                 )
-            images = window_micro_batches * batch_size * world
-            values = {
-                "train_loss": means[0],
-                "train_margin_loss": means[1],
-                "train_reconstruction_loss": means[2],
-                "learning_rate": scheduler.get_last_lr()[0],
-                "epoch": state["step"] / data.steps_per_epoch,
-                "train_images_per_second": images / max(time.time() - window_start, 1e-9),
-            }
-            log_metrics(accelerator, args.output_dir, values, state["step"])
-            progress.set_postfix(loss=f"{means[0]:.4f}")
-            state["last_train_loss"] = means[0]
+            except UsageError:
+                progress.close()  # the message on a line of its own
+                raise
+            progress.set_postfix(loss=f"{state['last_train_loss']:.4f}")
             running.zero_()
             window_micro_batches, window_start = 0, time.time()
 
