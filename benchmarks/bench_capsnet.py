@@ -17,7 +17,11 @@ state, and a fixed order would always give each variant the same predecessor):
   ``train_kernel``, ``infer`` / ``train`` with the CPU routing kernel (``capsnet_hf.enable_cpu_routing_kernel``, the
   default of ``capsnet-train`` and ``capsnet-eval`` on CPU; it is built before the timings);
 - with ``--compile``: ``infer_compiled`` / ``train_compiled`` with ``torch.compile(model, fullgraph=True)`` (the
-  compile time of the first call is reported apart).
+  compile time of the first call is reported apart);
+- with ``--precision bf16`` (``fp32`` is the default, both may be given): ``conv_fwd_bf16``, ``conv_fwd_bwd_bf16``,
+  ``infer_bf16``, ``train_bf16`` (and ``infer_kernel_bf16``, ``train_kernel_bf16``), the same calls under bf16
+  autocast, each measured against the bf16 bound (the kernel itself computes in float32: the primary capsules and
+  the weight reach it in float32 under autocast).
 
 Times are medians (and minima) over ``--repeats`` rounds after ``--warmup`` rounds. ``--memory`` also measures one
 training step, plain and with the memory saver: the peak of tensor memory allocated during the step above what was
@@ -50,9 +54,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel
 from capsnet_hf.kernels.cpu_routing import KernelBuildError, cpu_routing_kernel_mode, load_kernel_library
+from capsnet_hf.training.mixed_precision import cpu_native_bf16_features
 from capsnet_hf.training.optimization import create_optimizer
 
 MIB = 2**20
+BF16_VARIANTS = ("conv_fwd", "conv_fwd_bwd", "infer", "infer_kernel", "train", "train_kernel")
 
 
 def synchronize(device: torch.device) -> None:
@@ -83,6 +89,16 @@ def make_train_step(
         optimizer.step()
 
     return step
+
+
+def under_bf16_autocast(function: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """`function` (a whole call or training step) under `torch.autocast(dtype=torch.bfloat16)`."""
+
+    def autocast_function() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            function()
+
+    return autocast_function
 
 
 def make_conv_functions(model, pixels: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -236,6 +252,11 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
             functions[name] = function
         result["first_call_seconds"] = compile_seconds
 
+    if "bf16" in args.precision:
+        bf16 = {f"{name}_bf16": under_bf16_autocast(functions[name], device) for name in BF16_VARIANTS}
+        functions.update((name, function) for name, function in bf16.items() if name[: -len("_bf16")] in functions)
+    if "fp32" not in args.precision:
+        functions = {name: function for name, function in functions.items() if name.endswith("_bf16")}
     if args.memory_only:
         functions = {}
     times, cpu_times = time_interleaved(functions, args.repeats, args.warmup, device)
@@ -246,7 +267,7 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
     cpu_median = {name: statistics.median(samples) for name, samples in cpu_times.items()}
     ratios = {}
     for name in median:
-        bound = "conv_fwd" if name.startswith("infer") else "conv_fwd_bwd"
+        bound = ("conv_fwd" if name.startswith("infer") else "conv_fwd_bwd") + ("_bf16" if "_bf16" in name else "")
         if not name.startswith("conv"):
             ratios[name] = {
                 "median": median[name] / median[bound],
@@ -286,6 +307,7 @@ def machine_details(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "cpu_native_bf16": cpu_native_bf16_features(),
     }
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -318,7 +340,7 @@ def print_table(results: list[dict]) -> None:
         "train_plain_adam",
         "train_compiled",
     ]
-    columns += ["train_saver"]
+    columns += ["train_saver", *(f"{name}_bf16" for name in BF16_VARIANTS)]
     present = [name for name in columns if any(name in r["times"] for r in results)]
     header = f"{'px':>4} {'B':>4} {'I':>6} |" + "".join(
         f" {name:>16}" if name.startswith("conv") else f" {name:>16} {'x':>5}" for name in present
@@ -401,6 +423,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="auto|true|false",
         help="also time inference and training with the CPU routing kernel (the CLIs' default on CPU): 'auto' "
         "(default) on CPU when it builds; the bare flag or 'true' requires it; 'false' leaves it out",
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=["fp32"],
+        help="time in float32 and/or under bf16 autocast (the bf16 variants get a _bf16 suffix)",
     )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)

@@ -7,13 +7,13 @@ capsules, A primary-capsule dimension (8), K class-capsule dimension (16), M ens
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
@@ -317,27 +317,56 @@ class CapsNetPrimaryCapsules(nn.Module):
         return squash(hidden_states, epsilon=self.epsilon)
 
 
+class CapsNetChunkRouting(GradientCheckpointingLayer):
+    """Votes (Eq. 2) and Procedure 1 of one chunk of a class-capsule layer's batch, from its arguments alone: the unit
+    the memory saver (activation checkpointing) recomputes in the backward pass, one chunk at a time.
+
+    It holds no parameters: the layer passes its weight and bias positionally, so that reentrant checkpointing sees
+    that they need gradients even when the primary capsules do not.
+    """
+
+    def forward(
+        self,
+        primary_capsules: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        iterations: int,
+        leaky: bool,
+        detach_inner_votes: bool,
+        epsilon: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, I, A] and W [I, J, K, A] -> poses [B, J, K] and coupling coefficients [B, J, I]."""
+        votes = self.compute_votes(primary_capsules, weight)
+        return dynamic_routing(votes, bias, iterations, leaky, detach_inner_votes, epsilon)
+
+    @staticmethod
+    def compute_votes(primary_capsules: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """[B, I, A] -> votes [B, J, I, K], one batched matmul over the input capsules (no per-example weights)."""
+        num_inputs, num_classes, capsule_dim, input_dim = weight.shape
+        batch_size = primary_capsules.shape[0]
+        weight = weight.permute(0, 3, 1, 2).reshape(num_inputs, input_dim, -1)  # [I, A, J*K]
+        inputs = primary_capsules.transpose(0, 1).to(weight.dtype)  # [I, B, A]
+        if not torch.is_grad_enabled():
+            inputs = inputs.contiguous()  # faster in inference only (docs/performance.md)
+        votes = torch.bmm(inputs, weight)  # [I, B, J*K]
+        votes = votes.view(num_inputs, batch_size, num_classes, capsule_dim)
+        return votes.permute(1, 2, 0, 3).contiguous()
+
+
 class CapsNetClassCapsules(nn.Module):
     """DigitCaps: one [K, A] transformation matrix per (input capsule, class) and routing-by-agreement.
 
     Weight W [I, J, K, A] gives the votes u_hat[b, i, j, k] = sum_a u[b, i, a] W[i, j, k, a] (Eq. 2).
 
-    Routing is per example, so on CPU the batch is routed in chunks of at most `votes_per_chunk` vote elements
-    (16 MiB in float32, at least one example): tensors that size are recycled by the allocator, while larger ones are
-    fresh pages every call, whose page faults cost more than the routing arithmetic (GPUs route the whole batch, as
-    their caching allocator has no such cost and larger batched matmuls run faster). A chunk also holds at most
-    `max_examples_per_chunk` examples: at 28 px (2 threads) chunks of 11 examples cut the CPU time of inference by
-    1-5 % and of a batch-128 training step by 1-6 % against chunks of 22 (16 was no better than 22; see
-    docs/performance.md): a 22-example chunk's [B, J, I, K] copy of the votes ran about 4x slower per element than a
-    10-example chunk's. Memory saver
-    (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`): in training, each chunk's votes
-    and routing are recomputed in the backward pass instead of saved, so one chunk's votes are alive at a time; off
-    the CPU (GPUs) its chunks hold up to `gpu_saver_votes_per_chunk` votes (256 MiB in float32), as CPU-sized chunks
-    made a GPU step launch hundreds of small kernels twice (7-17x the plain step's time on an H100, docs/benchmarks.md).
-
-    `routing_kernel` (None by default) is a callable (layer, primary capsules) -> (poses, couplings) computing the
-    same thing, differentiable; `capsnet_hf.enable_cpu_routing_kernel` sets a compiled CPU kernel here, which is used
-    for float32 CPU inputs outside `torch.compile` (in training it saves no votes, like the memory saver).
+    Two implementations, chosen in `forward`: the `routing_kernel` when one is attached and it `supports(primary
+    capsules, weight)`, called as `routing_kernel(layer, primary capsules)` (None by default;
+    `capsnet_hf.enable_cpu_routing_kernel` attaches the compiled CPU kernel), otherwise the torch path: `routing` (a
+    `CapsNetChunkRouting`) per chunk of the batch. On CPU a chunk holds at most
+    `votes_per_chunk` vote elements and `max_examples_per_chunk` examples (at least one), so that the votes stay in
+    memory the allocator recycles and in the last-level cache; GPUs route the whole batch. With the memory saver
+    (`model.activation_checkpointing_enable()` / `gradient_checkpointing_enable()`) each chunk is recomputed in the
+    backward pass instead of saved, so one chunk's votes are alive at a time; off the CPU its chunks hold up to
+    `gpu_saver_votes_per_chunk` votes. Why these sizes: docs/performance.md.
     """
 
     votes_per_chunk = 2**22
@@ -346,8 +375,8 @@ class CapsNetClassCapsules(nn.Module):
 
     def __init__(self, config: CapsNetConfig):
         super().__init__()
-        self.gradient_checkpointing = False
         self.routing_kernel = None
+        self.routing = CapsNetChunkRouting()
         self.num_classes = config.num_labels
         self.capsule_dim = config.capsule_dim
         self.routing_iterations = config.routing_iterations
@@ -359,56 +388,25 @@ class CapsNetClassCapsules(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(self.num_classes, self.capsule_dim)) if config.routing_bias else None
 
-    def compute_votes(self, primary_capsules: torch.Tensor) -> torch.Tensor:
-        """[B, I, A] -> votes [B, J, I, K], one batched matmul over the input capsules (no per-example weights)."""
-        num_inputs, _, _, input_dim = self.weight.shape
-        batch_size = primary_capsules.shape[0]
-        weight = self.weight.permute(0, 3, 1, 2).reshape(num_inputs, input_dim, -1)  # [I, A, J*K]
-        inputs = primary_capsules.transpose(0, 1).to(weight.dtype)  # [I, B, A]
-        if not torch.is_grad_enabled():
-            # MKL's batched GEMM on a contiguous copy: 1-3 % less CPU time for a whole inference call on CPU (the
-            # copy is 1/20 of the votes); a training step was 1-3 % faster with the strided view (batch 128).
-            inputs = inputs.contiguous()
-        votes = torch.bmm(inputs, weight)  # [I, B, J*K]
-        votes = votes.view(num_inputs, batch_size, self.num_classes, self.capsule_dim)
-        return votes.permute(1, 2, 0, 3).contiguous()
-
-    def _route(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]: votes, then Procedure 1."""
-        return dynamic_routing(
-            self.compute_votes(primary_capsules),
-            self.bias,
-            self.routing_iterations,
-            leaky=self.leaky_routing,
-            detach_inner_votes=self.detach_inner_votes,
-            epsilon=self.epsilon,
-        )
-
-    def examples_per_chunk(self, on_cpu: bool, checkpointing: bool) -> int:
-        """How many examples one routing chunk holds (at least one): CPU-sized, or GPU-sized for the memory saver."""
+    def examples_per_chunk(self, on_cpu: bool, checkpointing: bool) -> int | None:
+        """How many examples one routing chunk holds (at least one), or None for the whole batch (GPUs, no saver)."""
         votes_per_example = self.weight.shape[0] * self.num_classes * self.capsule_dim
-        if checkpointing and not on_cpu:
-            return max(1, self.gpu_saver_votes_per_chunk // votes_per_example)
+        if not on_cpu:
+            return max(1, self.gpu_saver_votes_per_chunk // votes_per_example) if checkpointing else None
         return max(1, min(self.max_examples_per_chunk, self.votes_per_chunk // votes_per_example))
 
     def forward(self, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, I, A] -> poses [B, J, K] and coupling coefficients [B, J, I]."""
-        if (
-            self.routing_kernel is not None
-            and not torch.compiler.is_compiling()
-            and primary_capsules.device.type == "cpu"
-            and primary_capsules.dtype == self.weight.dtype == torch.float32
-        ):
+        if self.routing_kernel is not None and self.routing_kernel.supports(primary_capsules, self.weight):
             return self.routing_kernel(self, primary_capsules)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        on_cpu = primary_capsules.device.type == "cpu"
-        chunk_size = self.examples_per_chunk(on_cpu, checkpointing)
-        chunked = checkpointing or (on_cpu and primary_capsules.shape[0] > chunk_size)
-        if not chunked:
-            return self._route(primary_capsules)
-        route = partial(self._gradient_checkpointing_func, self._route) if checkpointing else self._route
-        chunks = [route(part) for part in primary_capsules.split(chunk_size)]
-        poses, coupling = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+        checkpointing = self.routing.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        chunk_size = self.examples_per_chunk(primary_capsules.device.type == "cpu", checkpointing)
+        chunks = [primary_capsules] if chunk_size is None else primary_capsules.split(chunk_size)
+        settings = (self.routing_iterations, self.leaky_routing, self.detach_inner_votes, self.epsilon)
+        routed = [self.routing(chunk, self.weight, self.bias, *settings) for chunk in chunks]
+        if len(routed) == 1:
+            return routed[0]
+        poses, coupling = (torch.cat(parts) for parts in zip(*routed, strict=True))
         return poses, coupling
 
 

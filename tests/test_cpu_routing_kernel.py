@@ -4,6 +4,7 @@ Its numbers are checked against the reference formulation in test_routing_refere
 """
 
 import copy
+import ctypes
 import io
 
 import pytest
@@ -139,15 +140,131 @@ def test_weight_changed_before_backward_is_an_error():
         loss.backward()
 
 
-def test_other_dtypes_devices_and_compile_keep_torch_path(kernel_calls):
-    _, fast = twin_models()
+def test_other_dtypes_keep_torch_path(kernel_calls):
+    plain, fast = twin_models()
     with torch.no_grad():
-        fast.to(torch.float64)(PIXELS.double())
-        fast.to(torch.float32)
-        compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(PIXELS).logits, fast(PIXELS).logits, rtol=1e-5, atol=1e-6)
-    assert kernel_calls == [5]  # only the eager float32 call
+        expected = plain.to(torch.float64)(PIXELS.double()).logits
+        torch.testing.assert_close(fast.to(torch.float64)(PIXELS.double()).logits, expected)
+    assert kernel_calls == []
+
+
+@pytest.fixture
+def kernel_runs(monkeypatch):
+    """Names of the C entry points run (the op's forward and backward), however the op was reached."""
+    runs = []
+    original = cpu_routing_kernel._run
+
+    def counting(entry, call):
+        runs.append(entry.__name__)
+        return original(entry, call)
+
+    monkeypatch.setattr(cpu_routing_kernel, "_run", counting)
+    return runs
+
+
+def test_compiled_model_runs_the_kernel_op(kernel_runs):
+    """torch.compile(fullgraph=True) traces the registered op (its fake implementation) and runs the kernel."""
     torch._dynamo.reset()
+    plain, fast = twin_models()
+    plain.train(), fast.train()
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    expected_loss = plain(PIXELS, labels=labels).loss
+    expected_grads = torch.autograd.grad(expected_loss, list(plain.parameters()))
+    loss = compiled(PIXELS, labels=labels).loss
+    grads = torch.autograd.grad(loss, list(fast.parameters()))
+    assert kernel_runs == ["capsnet_route", "capsnet_route_backward"]
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    fast.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(PIXELS).logits, plain(PIXELS).logits, rtol=1e-5, atol=1e-6)
+    assert kernel_runs[2:] == ["capsnet_route"]
+    torch._dynamo.reset()
+
+
+def test_exported_model_calls_the_kernel_op(kernel_runs):
+    """torch.export keeps the op in the graph (an opaque node with a fake implementation) and runs it."""
+    plain, fast = twin_models(use_decoder=False)
+    exported = torch.export.export(fast.capsnet, (PIXELS,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.capsnet_hf.route_class_capsules.default in targets
+    kernel_runs.clear()
+    with torch.no_grad():
+        actual = exported.module()(PIXELS).capsule_lengths
+        torch.testing.assert_close(actual, plain.capsnet(PIXELS).capsule_lengths, rtol=1e-5, atol=1e-6)
+    assert kernel_runs == ["capsnet_route"]
+
+
+@pytest.mark.parametrize("leaky, bias, detach_inner_votes", [(True, True, False), (False, False, True)])
+def test_registered_op_passes_torch_opcheck(leaky, bias, detach_inner_votes):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.library checks them."""
+    generator = torch.Generator().manual_seed(0)
+    capsules = torch.rand(3, 10, 4, generator=generator).requires_grad_()
+    weight = (0.1 * torch.randn(10, 3, 5, 4, generator=generator)).requires_grad_()
+    bias = torch.zeros(3, 5, requires_grad=True) if bias else None
+    library = CpuRoutingKernel().library_path
+    arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, library)
+    torch.library.opcheck(torch.ops.capsnet_hf.route_class_capsules.default, arguments)
+
+
+def test_empty_batch_trains_to_zero_gradients():
+    """No example: nothing to route, and the weight's gradient is zero (written by the kernel, not left unset)."""
+    plain, fast = twin_models()
+    for model in (plain, fast):
+        output = model(PIXELS[:0], labels=torch.zeros(0, dtype=torch.long), output_routing_weights=True)
+        (output.loss + output.routing_weights.sum()).backward()
+    layers = [model.capsnet.members[0].class_capsules for model in (plain, fast)]
+    for name in ("weight", "bias"):
+        grads = [getattr(layer, name).grad for layer in layers]
+        torch.testing.assert_close(grads[1], grads[0])
+        assert not grads[1].any()
+
+
+def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
+    """The C++ side checks its sizes and buffers itself (a zero capsule dimension once crashed the process); the op
+    checks what the C side cannot see (dtypes, devices, shapes that do not fit)."""
+    library = load_kernel_library()
+    assert library.capsnet_route(None) == b"no arguments"
+    assert library.capsnet_route_backward(cpu_routing_kernel.RoutingCall()) == b"there are no input capsules"
+    path = CpuRoutingKernel().library_path
+    capsules, weight = torch.rand(2, 10, 4), torch.rand(10, 3, 5, 4)
+    refusals = {
+        "the class capsules' dimension is not positive": (capsules, torch.rand(10, 3, 0, 4), None, 3),
+        "there are no class capsules": (capsules, torch.rand(10, 0, 5, 4), None, 3),
+        "the input capsules' dimension is not positive": (torch.rand(2, 10, 0), torch.rand(10, 3, 5, 0), None, 3),
+        "there are no input capsules": (torch.rand(2, 0, 4), torch.rand(0, 3, 5, 4), None, 3),
+        "routing needs at least one iteration": (capsules, weight, None, 0),
+    }
+    for message, (capsules_, weight_, bias, iterations) in refusals.items():
+        with pytest.raises(RuntimeError, match=f"refused the call: {message}"):
+            torch.ops.capsnet_hf.route_class_capsules(capsules_, weight_, bias, iterations, False, 1e-9, False, path)
+    mismatches = {
+        "float32 CPU tensors": (capsules.double(), weight.double(), None),
+        r"do not fit the weight \(10, 3, 5, 4\)": (torch.rand(2, 9, 4), weight, None),
+        r"the bias \(5, 3\) does not fit": (capsules, weight, torch.rand(5, 3)),
+    }
+    for message, (capsules_, weight_, bias) in mismatches.items():
+        with pytest.raises(ValueError, match=message):
+            torch.ops.capsnet_hf.route_class_capsules(capsules_, weight_, bias, 3, False, 1e-9, False, path)
+    with pytest.raises(ValueError, match="gradients .* do not fit the outputs"):
+        torch.ops.capsnet_hf.route_class_capsules_backward(
+            capsules, weight, None, torch.rand(2, 3, 4), torch.rand(2, 3, 10), 3, False, 1e-9, False, path
+        )
+
+
+def test_argument_struct_layouts_must_agree():
+    """The ctypes mirror of the C argument struct is checked against the built library's layout when it is loaded."""
+    library = load_kernel_library()
+    cpu_routing_kernel.check_call_layout(library, cpu_routing_kernel.RoutingCall)
+
+    class Reordered(ctypes.Structure):
+        _fields_ = [cpu_routing_kernel.RoutingCall._fields_[1], cpu_routing_kernel.RoutingCall._fields_[0]]
+        _fields_ += cpu_routing_kernel.RoutingCall._fields_[2:]
+
+    with pytest.raises(KernelBuildError, match="takes another argument layout than Reordered describes"):
+        cpu_routing_kernel.check_call_layout(library, Reordered)
 
 
 def test_changed_weights_are_repacked():

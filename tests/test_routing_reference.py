@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import small_config
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, CapsNetModel, enable_cpu_routing_kernel
 
@@ -206,6 +207,41 @@ def test_memory_saver_training_step_matches_plain_step():
     assert_close_dicts(results[1][1], results[0][1])
 
 
+@pytest.mark.parametrize("frozen_convolutions", [False, True], ids=["all_trained", "frozen_convolutions"])
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_gradient_checkpointing_as_transformers_common_tests_drive_it(use_reentrant, frozen_convolutions):
+    """`gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": ...})` checkpoints the routing
+    layer (a `GradientCheckpointingLayer`) once per chunk, and the loss and every gradient equal the plain step's;
+    with frozen convolutions too, where reentrant checkpointing sees a gradient only through the weight it is given."""
+    torch.manual_seed(0)
+    plain = CapsNetForImageClassification(small_config()).train()
+    saver = CapsNetForImageClassification(small_config()).train()
+    saver.load_state_dict(plain.state_dict())
+    with pytest.warns(FutureWarning, match="gradient_checkpointing_enable"):
+        saver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    layer = saver.capsnet.members[0].class_capsules
+    assert isinstance(layer.routing, GradientCheckpointingLayer) and layer.routing.gradient_checkpointing
+    layer.votes_per_chunk = 2 * layer.weight.shape[0] * layer.weight.shape[1] * layer.weight.shape[2]  # 2 + 2 + 1
+    checkpoints = []
+    checkpoint = layer.routing._gradient_checkpointing_func
+    layer.routing._gradient_checkpointing_func = lambda *args, **kwargs: (
+        checkpoints.append(1) or checkpoint(*args, **kwargs)
+    )
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    results = []
+    for model in (plain, saver):
+        if frozen_convolutions:
+            member = model.capsnet.members[0]
+            member.conv1.requires_grad_(False)
+            member.primary_capsules.requires_grad_(False)
+        loss = model(PIXELS, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert len(checkpoints) == 3
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert_close_dicts(results[1][1], results[0][1])
+
+
 def test_memory_saver_chunks_are_cpu_sized_on_cpu_and_memory_sized_elsewhere():
     """On a GPU the saver routes in large chunks (few kernel launches); the CPU keeps its cache-sized ones."""
     layer = CapsNetForImageClassification(CapsNetConfig(image_size=64)).capsnet.members[0].class_capsules
@@ -213,6 +249,7 @@ def test_memory_saver_chunks_are_cpu_sized_on_cpu_and_memory_sized_elsewhere():
     assert layer.examples_per_chunk(on_cpu=True, checkpointing=True) == 1
     assert layer.examples_per_chunk(on_cpu=True, checkpointing=False) == 1
     assert layer.examples_per_chunk(on_cpu=False, checkpointing=True) == 2**26 // votes_per_example == 22
+    assert layer.examples_per_chunk(on_cpu=False, checkpointing=False) is None  # the whole batch
     mnist = CapsNetForImageClassification(CapsNetConfig()).capsnet.members[0].class_capsules
     assert mnist.examples_per_chunk(on_cpu=True, checkpointing=True) == mnist.max_examples_per_chunk
     assert mnist.examples_per_chunk(on_cpu=False, checkpointing=True) == 2**26 // (1152 * 10 * 16)

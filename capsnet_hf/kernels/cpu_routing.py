@@ -1,18 +1,19 @@
-"""CPU kernel for the class capsules: votes and routing fused per example, forward and backward.
+"""CPU kernel for the class capsules: votes and routing fused per example, forward and backward, as the torch operator
+`torch.ops.capsnet_hf.route_class_capsules` (with its autograd formula and shape function, so that autograd,
+`torch.compile` and `torch.export` see one opaque op).
 
-`modeling_capsnet.py` computes the votes [B, J, I, K] with one batched matmul and routes them with batched torch
-ops: portable, differentiable and compilable, but on a CPU it writes the votes to memory and streams them
-2 x iterations - 1 times (and autograd keeps them for the backward), which costs far more than their arithmetic
-(docs/performance.md). `csrc/capsule_routing.cpp` instead keeps a few examples' votes in a per-thread buffer and
-routes each example with one pass per iteration; its backward recomputes them rather than saving them.
-`enable_cpu_routing_kernel(model)` builds it with the system C++ compiler on first use (about a second, cached under
-`default_cache_dir()`) and attaches it to every class-capsule layer; those layers then use it for float32 CPU
-inputs, in inference and in training, outside `torch.compile`, on `torch.get_num_threads()` OpenMP threads. GPUs,
-other dtypes and compiled models keep the torch path. Outputs and gradients equal the torch path's to float32
-rounding (tests/test_routing_reference.py). Needs a C++ compiler (g++ or clang++, or `CXX`); tested on Linux x86-64
-with GCC 12. For a library it is opt-in, since it runs a compiler on the user's machine; `capsnet-train` and
-`capsnet-eval` turn it on by default on CPU (`--cpu_routing_kernel auto`, `use_cpu_routing_kernel`), falling back
-to the torch path when it cannot be built.
+The torch path of `modeling_capsnet.py` writes the votes [B, J, I, K] to memory and streams them 2 x iterations - 1
+times (and autograd keeps them for the backward); `csrc/capsule_routing.cpp` keeps a few examples' votes in a
+per-thread buffer, routes each example with one pass per iteration, and recomputes them in the backward instead of
+saving them (docs/performance.md). It is built with the system C++ compiler on first use (`load_kernel_library`,
+cached under `default_cache_dir()`), loaded with ctypes, and called with one `RoutingCall` struct whose layout is
+checked against the library's. Needs a C++ compiler (g++ or clang++, or `CXX`); tested on Linux x86-64 with GCC 12.
+
+For a library it is opt-in, since it runs a compiler on the user's machine: `enable_cpu_routing_kernel(model)`
+attaches it to every class-capsule layer, which then routes float32 CPU inputs with it, in inference and training,
+eager or compiled, on `torch.get_num_threads()` OpenMP threads; other devices and dtypes keep the torch path.
+Outputs and gradients equal the torch path's to float32 rounding (tests/test_routing_reference.py). `capsnet-train`
+and `capsnet-eval` choose it with `--cpu_routing_kernel` (`use_cpu_routing_kernel`).
 
     model = AutoModelForImageClassification.from_pretrained(...)
     enable_cpu_routing_kernel(model.eval())
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,25 @@ COMPILE_FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC")
 # With OpenMP the kernel runs on the process's OpenMP threads (torch's own pool on Linux, where both use libgomp);
 # a compiler without it builds a single-threaded kernel instead.
 OPENMP_FLAGS = ("-fopenmp",)
-EXAMPLES_PER_BLOCK = 2  # examples sharing a sweep over the weight: of 1, 2, 4 the best or within 12 % at 28-64 px
+EXAMPLES_PER_BLOCK = 2  # examples sharing a sweep over the weight (docs/performance.md)
 
 
 class KernelBuildError(RuntimeError):
     """The CPU routing kernel could not be compiled or loaded."""
+
+
+class RoutingCall(ctypes.Structure):
+    """`CapsnetRoutingCall` of csrc/capsule_routing.cpp, field by field: the one argument of both entry points."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("inputs", "packed_inputs", "weight", "bias", "poses", "coupling")),
+        *((name, ctypes.c_void_p) for name in ("grad_poses", "grad_coupling", "grad_inputs", "grad_weight")),
+        *((name, ctypes.c_void_p) for name in ("grad_bias", "left", "right")),
+        *((name, ctypes.c_int64) for name in ("batch", "inputs_per_example", "input_dim", "parents", "pose_dim")),
+        *((name, ctypes.c_int64) for name in ("padded_inputs", "iterations", "examples_per_block")),
+        *((name, ctypes.c_int32) for name in ("leaky", "detach_inner_votes", "threads")),
+        ("epsilon", ctypes.c_float),
+    ]
 
 
 def default_cache_dir() -> Path:
@@ -124,146 +139,264 @@ def load_kernel_library(cache_dir: str | None = None) -> ctypes.CDLL:
                     " ".join(OPENMP_FLAGS),
                 )
             os.replace(built, library_path)
+    return _open_library(str(library_path))
+
+
+@functools.cache
+def _open_library(path: str) -> ctypes.CDLL:
+    """The built kernel at `path`, its entry points typed, its argument layout checked against `RoutingCall`."""
     try:
-        library = ctypes.CDLL(str(library_path))
+        library = ctypes.CDLL(path)
     except OSError as error:
-        raise KernelBuildError(
-            f"cannot load the CPU routing kernel {library_path} ({error}); delete it to rebuild"
-        ) from error
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.capsnet_route.argtypes = [pointer] * 5 + [size] * 7 + [ctypes.c_int, ctypes.c_float, size, ctypes.c_int]
-    library.capsnet_route.restype = None
-    library.capsnet_route_backward.argtypes = (
-        [pointer] * 11 + [size] * 7 + [ctypes.c_int, ctypes.c_float, ctypes.c_int, size, ctypes.c_int]
-    )
-    library.capsnet_route_backward.restype = None
+        raise KernelBuildError(f"cannot load the CPU routing kernel {path} ({error}); delete it to rebuild") from error
+    for entry in (library.capsnet_route, library.capsnet_route_backward):
+        entry.argtypes = [ctypes.POINTER(RoutingCall)]
+        entry.restype = ctypes.c_char_p  # null, or why the call was refused
+    library.capsnet_call_layout.restype = ctypes.c_char_p
     library.capsnet_lanes.restype = ctypes.c_int
     library.capsnet_threaded.restype = ctypes.c_int
+    check_call_layout(library, RoutingCall)
     return library
 
 
-class CpuRoutingKernel:
-    """A class-capsule layer's `routing_kernel`: (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings
-    [B, J, I], as `CapsNetClassCapsules.forward`, differentiable w.r.t. the capsules, the weight and the bias.
+def check_call_layout(library: ctypes.CDLL, structure: type[ctypes.Structure]) -> None:
+    """Raise `KernelBuildError` unless `structure` lays out its fields as the library's C struct does."""
+    built = library.capsnet_call_layout().decode()
+    # "name:offset:size;" per field, then "size:<total>", as the C side writes it
+    fields = [
+        f"{name}:{getattr(structure, name).offset}:{getattr(structure, name).size};" for name, *_ in structure._fields_
+    ]
+    described = f"{''.join(fields)}size:{ctypes.sizeof(structure)}"
+    if built != described:
+        raise KernelBuildError(
+            f"the CPU routing kernel {library._name} takes another argument layout than {structure.__name__} "
+            f"describes (C: {built}; Python: {described})"
+        )
 
-    The weight is re-laid out on every call (0.5 ms for the MNIST model's 1.5 M weights on 2 threads): a cached copy
-    cannot tell when the weight has changed, since in-place updates such as torch's fused Adam do not bump its version.
+
+def _padded(num_inputs: int, lanes: int) -> int:
+    """P: the number of input capsules rounded up to whole blocks of L (the kernel's vector lanes)."""
+    return -(-num_inputs // lanes) * lanes
+
+
+def _pack_weight(weight: Tensor, lanes: int) -> Tensor:
+    """W [I, J, K, A] -> [P / L, J, K, A, L]: L input capsules side by side, I padded to P with zeros."""
+    num_inputs, num_classes, capsule_dim, input_dim = weight.shape
+    padded = _padded(num_inputs, lanes)
+    weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - num_inputs))
+    packed = weight.reshape(padded // lanes, lanes, num_classes, capsule_dim, input_dim)
+    return packed.permute(0, 2, 3, 4, 1).contiguous()
+
+
+def _checked_operands(primary_capsules: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
+    """The operands as the kernel reads them (contiguous float32 CPU tensors of matching shapes), or a ValueError."""
+    tensors = [primary_capsules, weight] + ([] if bias is None else [bias])
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("the CPU routing kernel takes float32 CPU tensors")
+    if weight.dim() != 4 or primary_capsules.dim() != 3 or primary_capsules.shape[1:] != weight.shape[::3]:  # (I, A)
+        raise ValueError(
+            f"primary capsules {tuple(primary_capsules.shape)} do not fit the weight {tuple(weight.shape)}: expected "
+            "[B, I, A] and [I, J, K, A]"
+        )
+    if bias is not None and bias.shape != weight.shape[1:3]:
+        raise ValueError(
+            f"the bias {tuple(bias.shape)} does not fit the weight {tuple(weight.shape)}: expected [J, K]"
+        )
+    return primary_capsules.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
+
+
+def _routing_call(
+    inputs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    iterations: int,
+    leaky: bool,
+    epsilon: float,
+    detach_inner_votes: bool,
+    lanes: int,
+) -> RoutingCall:
+    """The fields both entry points share, for capsules [B, I, A] and the weight [I, J, K, A]; the caller sets the
+    weight (packed) and the other buffers."""
+    batch_size, num_inputs, input_dim = inputs.shape
+    _, num_classes, capsule_dim, _ = weight.shape
+    threads = torch.get_num_threads()
+    return RoutingCall(
+        inputs=inputs.data_ptr(),
+        bias=None if bias is None else bias.data_ptr(),
+        batch=batch_size,
+        inputs_per_example=num_inputs,
+        input_dim=input_dim,
+        parents=num_classes,
+        pose_dim=capsule_dim,
+        padded_inputs=_padded(num_inputs, lanes),
+        iterations=iterations,
+        # at least one block per thread where the batch allows it
+        examples_per_block=min(EXAMPLES_PER_BLOCK, -(-batch_size // threads)) or 1,
+        leaky=int(leaky),
+        detach_inner_votes=int(detach_inner_votes),
+        threads=threads,
+        epsilon=epsilon,
+    )
+
+
+def _run(entry: ctypes._CFuncPtr, call: RoutingCall) -> None:
+    """Call a C entry point; its refusal (sizes it cannot route, out of memory) becomes a RuntimeError."""
+    refusal = entry(ctypes.byref(call))
+    if refusal is not None:
+        raise RuntimeError(
+            f"the CPU routing kernel refused the call: {refusal.decode()} (batch {call.batch}, "
+            f"{call.inputs_per_example} x {call.input_dim} input capsules, {call.parents} x {call.pose_dim} class "
+            f"capsules, {call.iterations} iterations)"
+        )
+
+
+@torch.library.custom_op("capsnet_hf::route_class_capsules", mutates_args=())
+def route_class_capsules(
+    primary_capsules: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    iterations: int,
+    leaky: bool,
+    epsilon: float,
+    detach_inner_votes: bool,
+    library: str,
+) -> tuple[Tensor, Tensor]:
+    """Class capsules u [B, I, A], W [I, J, K, A], bias [J, K] -> poses v [B, J, K] and last couplings c [B, J, I]
+    (Eq. 2, Procedure 1), as `CapsNetClassCapsules`; `library` is the kernel's path (`load_kernel_library`).
+    `detach_inner_votes` only changes the gradient."""
+    kernel = _open_library(library)
+    inputs, weight, bias = _checked_operands(primary_capsules, weight, bias)
+    batch_size, num_inputs, _ = inputs.shape
+    _, num_classes, capsule_dim, _ = weight.shape
+    lanes = kernel.capsnet_lanes()
+    packed_weight = _pack_weight(weight, lanes)
+    poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
+    coupling = inputs.new_empty(batch_size, num_classes, num_inputs)
+    call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, lanes)
+    call.weight, call.poses, call.coupling = packed_weight.data_ptr(), poses.data_ptr(), coupling.data_ptr()
+    _run(kernel.capsnet_route, call)
+    return poses, coupling
+
+
+@route_class_capsules.register_fake
+def _(primary_capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, library):
+    batch_size, num_inputs, _ = primary_capsules.shape
+    _, num_classes, capsule_dim, _ = weight.shape
+    poses = primary_capsules.new_empty(batch_size, num_classes, capsule_dim)
+    return poses, primary_capsules.new_empty(batch_size, num_classes, num_inputs)
+
+
+@torch.library.custom_op("capsnet_hf::route_class_capsules_backward", mutates_args=())
+def route_class_capsules_backward(
+    primary_capsules: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    grad_poses: Tensor,
+    grad_coupling: Tensor,
+    iterations: int,
+    leaky: bool,
+    epsilon: float,
+    detach_inner_votes: bool,
+    library: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `route_class_capsules` w.r.t. u, W and the bias (zeros [J, K] without one), given those of its
+    outputs; recomputes the votes and the routing rather than reading anything saved by the forward."""
+    kernel = _open_library(library)
+    inputs, weight, bias = _checked_operands(primary_capsules, weight, bias)
+    batch_size, num_inputs, input_dim = inputs.shape
+    _, num_classes, capsule_dim, _ = weight.shape
+    lanes = kernel.capsnet_lanes()
+    padded = _padded(num_inputs, lanes)
+    packed_weight = _pack_weight(weight, lanes)
+    # [B, I, A] -> [P / L, B, A, L]: zero padded, input-block major for the second phase, which runs over input blocks
+    packed_inputs = F.pad(inputs, (0, 0, 0, padded - num_inputs)).view(batch_size, padded // lanes, lanes, input_dim)
+    packed_inputs = packed_inputs.permute(1, 0, 3, 2).contiguous()
+    terms = 1 if detach_inner_votes else 2 * iterations - 1
+    left = inputs.new_empty(padded // lanes, batch_size, terms, num_classes, lanes)
+    right = inputs.new_empty(batch_size, terms, num_classes, capsule_dim)
+    if grad_poses.shape != (batch_size, num_classes, capsule_dim) or grad_coupling.shape != (
+        batch_size,
+        num_classes,
+        num_inputs,
+    ):
+        raise ValueError(f"gradients {tuple(grad_poses.shape)} / {tuple(grad_coupling.shape)} do not fit the outputs")
+    grad_poses, grad_coupling = grad_poses.float().contiguous(), grad_coupling.float().contiguous()
+    grad_inputs = torch.empty_like(inputs)
+    grad_packed_weight = torch.empty_like(packed_weight)
+    grad_bias = inputs.new_empty(batch_size, num_classes, capsule_dim)
+    call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, lanes)
+    call.packed_inputs, call.weight = packed_inputs.data_ptr(), packed_weight.data_ptr()
+    call.grad_poses, call.grad_coupling = grad_poses.data_ptr(), grad_coupling.data_ptr()
+    call.grad_inputs, call.grad_weight, call.grad_bias = (
+        grad_inputs.data_ptr(),
+        grad_packed_weight.data_ptr(),
+        grad_bias.data_ptr(),
+    )
+    call.left, call.right = left.data_ptr(), right.data_ptr()
+    _run(kernel.capsnet_route_backward, call)
+    # [P / L, J, K, A, L] -> [I, J, K, A]
+    grad_weight = grad_packed_weight.permute(0, 4, 1, 2, 3).reshape(padded, num_classes, capsule_dim, input_dim)
+    return grad_inputs, grad_weight[:num_inputs].contiguous(), grad_bias.sum(0)
+
+
+@route_class_capsules_backward.register_fake
+def _(
+    primary_capsules, weight, bias, grad_poses, grad_coupling, iterations, leaky, epsilon, detach_inner_votes, library
+):
+    return torch.empty_like(primary_capsules), torch.empty_like(weight), weight.new_empty(weight.shape[1:3])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    primary_capsules, weight, bias, *settings = inputs
+    # The weight itself, so that autograd refuses a backward after it was changed in place (version check).
+    ctx.save_for_backward(primary_capsules, weight, bias)
+    ctx.settings = settings
+
+
+def _backward(ctx, grad_poses: Tensor, grad_coupling: Tensor):
+    primary_capsules, weight, bias = ctx.saved_tensors
+    grad_inputs, grad_weight, grad_bias = route_class_capsules_backward(
+        primary_capsules, weight, bias, grad_poses, grad_coupling, *ctx.settings
+    )
+    return grad_inputs, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
+
+
+route_class_capsules.register_autograd(_backward, setup_context=_setup_context)
+
+
+class CpuRoutingKernel:
+    """What `enable_cpu_routing_kernel` sets as a class-capsule layer's `routing_kernel`: the layer routes the inputs
+    the kernel `supports` with it, (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings [B, J, I].
+
+    The weight is re-laid out on every call: a cached copy cannot tell when the weight has changed, since in-place
+    updates such as torch's fused Adam do not bump its version.
     """
 
     def __init__(self, cache_dir: str | None = None):
-        self.cache_dir = cache_dir
-        self.lanes = load_kernel_library(cache_dir).capsnet_lanes()
+        self.library_path = load_kernel_library(cache_dir)._name
 
-    def padded(self, num_inputs: int) -> int:
-        """P: the number of input capsules rounded up to whole blocks of L (the kernel's vector lanes)."""
-        return -(-num_inputs // self.lanes) * self.lanes
+    @staticmethod
+    def supports(primary_capsules: Tensor, weight: Tensor) -> bool:
+        """Whether the kernel routes these: float32 capsules and weight on the CPU."""
+        return primary_capsules.device.type == "cpu" and primary_capsules.dtype == weight.dtype == torch.float32
 
-    def packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W [I, J, K, A] -> [P / L, J, K, A, L]: L input capsules side by side, I padded to P with zeros."""
-        num_inputs, num_classes, capsule_dim, input_dim = weight.shape
-        padded = self.padded(num_inputs)
-        weight = weight.detach()
-        if padded > num_inputs:
-            weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - num_inputs))
-        packed = weight.reshape(padded // self.lanes, self.lanes, num_classes, capsule_dim, input_dim)
-        return packed.permute(0, 2, 3, 4, 1).contiguous()
-
-    def __call__(self, layer: nn.Module, primary_capsules: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, layer: nn.Module, primary_capsules: Tensor) -> tuple[Tensor, Tensor]:
         num_inputs, _, _, input_dim = layer.weight.shape
         if primary_capsules.dim() != 3 or tuple(primary_capsules.shape[1:]) != (num_inputs, input_dim):
             raise ValueError(
                 f"primary capsules of shape {tuple(primary_capsules.shape)} do not fit this layer's weight "
                 f"{tuple(layer.weight.shape)}: expected (batch, {num_inputs}, {input_dim})"
             )
-        return _KernelRouting.apply(primary_capsules, layer.weight, layer.bias, self, layer)
-
-    def geometry(self, layer: nn.Module, batch_size: int) -> tuple:
-        """The sizes and settings both entry points take, in their order (batch ... epsilon)."""
-        num_inputs, num_classes, capsule_dim, input_dim = layer.weight.shape
-        return (
-            batch_size,
-            num_inputs,
-            input_dim,
-            num_classes,
-            capsule_dim,
-            self.padded(num_inputs),
+        return route_class_capsules(
+            primary_capsules,
+            layer.weight,
+            layer.bias,
             layer.routing_iterations,
-            int(layer.leaky_routing),
+            layer.leaky_routing,
             layer.epsilon,
+            layer.detach_inner_votes,
+            self.library_path,
         )
-
-
-def _examples_per_block(batch_size: int, threads: int) -> int:
-    return min(EXAMPLES_PER_BLOCK, -(-batch_size // threads)) or 1  # at least one block per thread if possible
-
-
-class _KernelRouting(torch.autograd.Function):
-    """The kernel as an autograd op: the forward saves no votes; the backward recomputes them and the routing."""
-
-    @staticmethod
-    def forward(ctx, primary_capsules, weight, bias, kernel, layer):
-        inputs = primary_capsules.detach().contiguous()
-        packed_weight = kernel.packed_weight(weight)
-        bias = None if bias is None else bias.detach().contiguous()
-        geometry = kernel.geometry(layer, inputs.shape[0])
-        batch_size, _, _, num_classes, capsule_dim = geometry[:5]
-        threads = torch.get_num_threads()
-        poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
-        coupling = inputs.new_empty(batch_size, num_classes, inputs.shape[1])
-        load_kernel_library(kernel.cache_dir).capsnet_route(
-            inputs.data_ptr(),
-            packed_weight.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            poses.data_ptr(),
-            coupling.data_ptr(),
-            *geometry,
-            _examples_per_block(batch_size, threads),
-            threads,
-        )
-        # The weight itself only so that autograd refuses a backward after it was changed in place (version check).
-        ctx.save_for_backward(inputs, weight, bias)
-        ctx.packed_weight = packed_weight
-        ctx.kernel, ctx.geometry, ctx.detach_inner_votes = kernel, geometry, layer.detach_inner_votes
-        return poses, coupling
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_poses, grad_coupling):
-        inputs, _, bias = ctx.saved_tensors
-        batch_size, num_inputs, input_dim, num_classes, capsule_dim, padded, iterations = ctx.geometry[:7]
-        lanes = ctx.kernel.lanes
-        # [B, I, A] -> [P / L, B, A, L]: input blocks of the packed weight, zero padded, block-major (the forward packs
-        # each thread's examples itself, in cache; this layout serves the second phase, which runs over input blocks)
-        packed_inputs = F.pad(inputs, (0, 0, 0, padded - num_inputs)).view(batch_size, padded // lanes, lanes, -1)
-        packed_inputs = packed_inputs.permute(1, 0, 3, 2).contiguous()
-        terms = 1 if ctx.detach_inner_votes else 2 * iterations - 1
-        left = inputs.new_empty(padded // lanes, batch_size, terms, num_classes, lanes)
-        right = inputs.new_empty(batch_size, terms, num_classes, capsule_dim)
-        grad_inputs = torch.empty_like(inputs)
-        grad_packed_weight = torch.empty_like(ctx.packed_weight)
-        grad_bias = inputs.new_empty(batch_size, num_classes, capsule_dim)
-        grad_poses, grad_coupling = grad_poses.contiguous(), grad_coupling.contiguous()  # alive during the call
-        threads = torch.get_num_threads()
-        load_kernel_library(ctx.kernel.cache_dir).capsnet_route_backward(
-            inputs.data_ptr(),
-            packed_inputs.data_ptr(),
-            ctx.packed_weight.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            grad_poses.data_ptr(),
-            grad_coupling.data_ptr(),
-            grad_inputs.data_ptr(),
-            grad_packed_weight.data_ptr(),
-            grad_bias.data_ptr(),
-            left.data_ptr(),
-            right.data_ptr(),
-            *ctx.geometry,
-            int(ctx.detach_inner_votes),
-            _examples_per_block(batch_size, threads),
-            threads,
-        )
-        # [P / L, J, K, A, L] -> [I, J, K, A]
-        grad_weight = grad_packed_weight.permute(0, 4, 1, 2, 3).reshape(padded, num_classes, capsule_dim, input_dim)
-        return grad_inputs, grad_weight[:num_inputs], None if bias is None else grad_bias.sum(0), None, None
 
 
 def _class_capsule_layers(model: nn.Module, required: bool = True) -> list[nn.Module]:

@@ -1,11 +1,14 @@
 // Class capsules on the CPU: votes (Eq. 2) and routing-by-agreement (Procedure 1), forward and backward.
 //
-// Built and loaded by capsnet_hf/cpu_routing_kernel.py (plain C ABI through ctypes, no torch headers). The torch
-// formulation writes the votes of a batch to memory and streams them 2 x iterations - 1 times; here each thread
-// computes the votes of a few examples into its own buffer, laid out so that 8 input capsules fill one vector
-// register, and then routes each example with one pass per iteration after the first: agreement with v_j,
-// softmax over the parents and the next weighted sum s_j, for 8 input capsules at a time. Float32 throughout;
-// results differ from the torch path by float rounding only (summation order, a polynomial exp).
+// Built and loaded by capsnet_hf/kernels/cpu_routing.py (plain C ABI through ctypes, no torch headers): each entry
+// point takes one CapsnetRoutingCall, mirrored field by field by a ctypes.Structure there and checked against
+// capsnet_call_layout() when the library is loaded, and returns null or a one-line error (it validates the sizes
+// itself and never lets a C++ exception escape). The torch formulation writes the votes of a batch to memory and
+// streams them 2 x iterations - 1 times; here each thread computes the votes of a few examples into its own buffer,
+// laid out so that 8 input capsules fill one vector register, and then routes each example with one pass per
+// iteration after the first: agreement with v_j, softmax over the parents and the next weighted sum s_j, for 8 input
+// capsules at a time. Float32 throughout; results differ from the torch path by float rounding only (summation
+// order, a polynomial exp).
 //
 // The backward (capsnet_route_backward) saves nothing from the forward: per example it recomputes the votes and the
 // routing (keeping every iteration's couplings), then walks the iterations back with one pass over the votes each,
@@ -13,16 +16,21 @@
 // blocks instead of examples, turns those terms into dL/du and dL/dW, so that no thread needs its own copy of dL/dW.
 //
 // Layouts (L = 8 lanes, P = I rounded up to a multiple of L, padding capsules have zero votes):
-//   inputs    [B, I, A]          primary capsules u_i
-//   weight    [P / L, J, K, A, L] W[i, j, k, a] with i = block * L + lane
-//   bias      [J, K] or null     added to every s_j
-//   poses     [B, J, K]          v_j of the last iteration (output)
-//   coupling  [B, J, I]          c_ij of the last iteration (output)
+//   inputs         [B, I, A]           primary capsules u_i
+//   packed_inputs  [P / L, B, A, L]    the same, input-block major, zero padded (backward only)
+//   weight         [P / L, J, K, A, L] W[i, j, k, a] with i = block * L + lane
+//   bias           [J, K] or null      added to every s_j
+//   poses          [B, J, K]           v_j of the last iteration (forward output)
+//   coupling       [B, J, I]           c_ij of the last iteration (forward output)
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstddef>
 #include <cstring>
 #include <memory>
+#include <new>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
@@ -71,15 +79,36 @@ inline Vec exp_nonpositive(Vec x) {
   return p * scale;
 }
 
-struct Problem {
+}  // namespace
+
+// The arguments of both entry points (B = batch, I = inputs_per_example, A = input_dim, J = parents, K = pose_dim,
+// P = padded_inputs, T = iterations; layouts at the top of this file); fields a call does not use may be null.
+struct CapsnetRoutingCall {
   const float* inputs;
+  const float* packed_inputs;
   const float* weight;
   const float* bias;
-  int64_t batch, inputs_per_example, input_dim, parents, pose_dim, padded_inputs, iterations;
-  bool leaky;
+  float* poses;
+  float* coupling;
+  const float* grad_poses;     // [B, J, K]
+  const float* grad_coupling;  // [B, J, I] or null
+  float* grad_inputs;          // [B, I, A]
+  float* grad_weight;          // the packed weight's layout
+  float* grad_bias;            // [B, J, K]: each example's sum over the iterations of dL/ds_t
+  float* left;                 // scratch [P / L, B, terms, J, L], terms = 2T - 1 (1 with detach_inner_votes)
+  float* right;                // scratch [B, terms, J, K]
+  int64_t batch, inputs_per_example, input_dim, parents, pose_dim, padded_inputs, iterations, examples_per_block;
+  int32_t leaky, detach_inner_votes, threads;
   float epsilon;
-  int64_t examples_per_block;
 };
+
+namespace {
+
+using Problem = CapsnetRoutingCall;
+
+// dL/du_hat[b, j, i, :] = sum_r left_r[b, j, i] right_r[b, j, :] (rank one per term and parent: left = c_t with
+// right = dL/ds_t, and left = the accumulated dL/dlogits with right = v_(t-1)); the votes are never written out.
+int64_t gradient_terms(const Problem& p) { return p.detach_inner_votes ? 1 : 2 * p.iterations - 1; }
 
 // What routing one example leaves behind for its backward pass (per iteration t).
 struct RoutingRecord {
@@ -253,7 +282,7 @@ void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, 
 }
 
 // Routes blocks first_block, first_block + stride, ... of examples_per_block examples each.
-void route_blocks(const Problem& p, float* poses, float* coupling, int64_t first_block, int64_t stride) {
+void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   const int64_t J = p.parents, JK = J * p.pose_dim, block = p.examples_per_block;
   Workspace ws(p);
   const int64_t num_blocks = (p.batch + block - 1) / block;
@@ -261,38 +290,27 @@ void route_blocks(const Problem& p, float* poses, float* coupling, int64_t first
     const int64_t first = block_index * block, count = std::min(block, p.batch - first);
     compute_block_votes(p, ws, first, count);
     for (int64_t e = 0; e < count; ++e) {
-      route_example(p, ws, e, coupling + (first + e) * J * p.inputs_per_example, nullptr);
-      std::memcpy(poses + (first + e) * JK, ws.poses.data(), JK * sizeof(float));
+      route_example(p, ws, e, p.coupling + (first + e) * J * p.inputs_per_example, nullptr);
+      std::memcpy(p.poses + (first + e) * JK, ws.poses.data(), JK * sizeof(float));
     }
   }
 }
 
-// The backward pass's arrays. dL/du_hat[b, j, i, :] = sum_r L_r[b, j, i] R_r[b, j, :] (rank one per term and parent:
-// L = c_t with R = dL/ds_t, and L = the accumulated dL/dlogits with R = v_(t-1)); the votes are never written out.
-struct Backward {
-  const float* grad_poses;     // [B, J, K]
-  const float* grad_coupling;  // [B, J, I] or null
-  bool detach_inner_votes;
-  int64_t terms;               // 2T - 1, or 1 with detach_inner_votes
-  float* left;                 // [P / L, B, terms, J, L]: input-block major, read block by block
-  float* right;                // [B, terms, J, K]
-  float* grad_bias;            // [B, J, K]: each example's sum over the iterations of dL/ds_t
-};
-
 // Backward of Procedure 1 for example e of the workspace's block (b in the batch), given its routing record: the
 // left/right factors of dL/du_hat and dL/dbias. One pass over the votes per iteration after the first: dL/dc,
 // softmax backward, and dL/dv_(t-1) = sum_i dL/dlogits u_hat.
-void backprop_example(const Problem& p, const Backward& g, Workspace& ws, int64_t e, int64_t b,
+void backprop_example(const Problem& p, Workspace& ws, int64_t e, int64_t b,
                       const RoutingRecord& record, std::vector<float>& grad_poses,
                       std::vector<float>& grad_preactivation, std::vector<float>& grad_logits) {
   const int64_t I = p.inputs_per_example, J = p.parents, K = p.pose_dim, JK = J * K, P = p.padded_inputs;
   const float uniform = 1.0f / static_cast<float>(J + (p.leaky ? 1 : 0));
   const float* example_votes = ws.example_votes(p, e);
-  const int64_t vectors = P / kLanes, left_stride = p.batch * g.terms * J * kLanes;  // from one input block to the next
-  float* left = g.left + b * g.terms * J * kLanes;
-  float* right = g.right + b * g.terms * JK;
-  float* grad_bias = g.grad_bias + b * JK;
-  std::memcpy(grad_poses.data(), g.grad_poses + b * JK, JK * sizeof(float));
+  const int64_t terms = gradient_terms(p), vectors = P / kLanes;
+  const int64_t left_stride = p.batch * terms * J * kLanes;  // from one input block to the next
+  float* left = p.left + b * terms * J * kLanes;
+  float* right = p.right + b * terms * JK;
+  float* grad_bias = p.grad_bias + b * JK;
+  std::memcpy(grad_poses.data(), p.grad_poses + b * JK, JK * sizeof(float));
   std::fill(grad_bias, grad_bias + JK, 0.0f);
   std::fill(grad_logits.begin(), grad_logits.end(), 0.0f);
   int64_t term = 0;
@@ -310,14 +328,14 @@ void backprop_example(const Problem& p, const Backward& g, Workspace& ws, int64_
     squash_backward(p, record.preactivations.data() + iteration * JK, grad_poses.data(), grad_preactivation.data());
     for (int64_t jk = 0; jk < JK; ++jk) grad_bias[jk] += grad_preactivation[jk];
     const float* coupling = iteration > 0 ? record.couplings.data() + iteration * J * P : nullptr;
-    if (last || !g.detach_inner_votes) add_term(coupling, uniform, grad_preactivation.data());
+    if (last || !p.detach_inner_votes) add_term(coupling, uniform, grad_preactivation.data());
     if (iteration == 0) break;  // the first couplings come from constant zero logits
     // The forward's buffers, reused: broadcast_poses holds dL/ds_j, couplings dL/dc_ij, sums dL/dv_(t-1).
     for (int64_t jk = 0; jk < JK; ++jk) {
       ws.broadcast_poses[jk] = broadcast(grad_preactivation[jk]);
       ws.sums[jk] = Vec{};
     }
-    const float* grad_coupling = last && g.grad_coupling ? g.grad_coupling + b * J * I : nullptr;
+    const float* grad_coupling = last && p.grad_coupling ? p.grad_coupling + b * J * I : nullptr;
     for (int64_t v = 0; v < vectors; ++v) {
       const float* block_votes = example_votes + v * JK * kLanes;
       // dL/dc_ij = u_hat_{j|i} . dL/ds_j (+ the couplings' own gradient in the last iteration)
@@ -345,12 +363,12 @@ void backprop_example(const Problem& p, const Backward& g, Workspace& ws, int64_
     }
     // dL/dv_(t-1) = sum_i dL/dlogits_ij u_hat_{j|i}: v_(t-1) enters every later iteration's logits.
     for (int64_t jk = 0; jk < JK; ++jk) grad_poses[jk] = lane_sum(ws.sums[jk]);
-    if (!g.detach_inner_votes) add_term(grad_logits.data(), 0.0f, record.poses.data() + (iteration - 1) * JK);
+    if (!p.detach_inner_votes) add_term(grad_logits.data(), 0.0f, record.poses.data() + (iteration - 1) * JK);
   }
 }
 
 // Recomputes the votes and routing of blocks first_block, first_block + stride, ... and backpropagates through them.
-void backprop_blocks(const Problem& p, const Backward& g, int64_t first_block, int64_t stride) {
+void backprop_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   const int64_t J = p.parents, JK = J * p.pose_dim, P = p.padded_inputs, block = p.examples_per_block;
   Workspace ws(p);
   RoutingRecord record{std::vector<float>(p.iterations * J * P), std::vector<float>(p.iterations * JK),
@@ -362,29 +380,26 @@ void backprop_blocks(const Problem& p, const Backward& g, int64_t first_block, i
     compute_block_votes(p, ws, first, count);
     for (int64_t e = 0; e < count; ++e) {
       route_example(p, ws, e, nullptr, &record);
-      backprop_example(p, g, ws, e, first + e, record, grad_poses, grad_preactivation, grad_logits);
+      backprop_example(p, ws, e, first + e, record, grad_poses, grad_preactivation, grad_logits);
     }
   }
 }
 
 // dL/du and dL/dW of input block v (kLanes input capsules) from the factors of dL/du_hat: with gv[b, j, k] =
 // dL/du_hat[b, j, i, k], dL/du[b, i, a] = sum_jk W[i, j, k, a] gv[b, j, k] and dL/dW[i, j, k, a] = sum_b gv[b, j, k]
-// u[b, i, a]. packed_inputs [P / L, B, A, L]; grad_weight in the packed weight's layout; grad_inputs [B, I, A].
-// left [terms], grad_vote [B, K] and grad_u [B, A] are scratch. kInputDim as in capsule_votes.
+// u[b, i, a]. left [terms], grad_vote [B, K] and grad_u [B, A] are scratch. kInputDim as in capsule_votes.
 template <int64_t kInputDim>
-void block_input_and_weight_gradients(const Problem& p, const Backward& g, const float* packed_inputs, int64_t v,
-                                      float* grad_weight, float* grad_inputs, Vec* left, Vec* grad_vote,
-                                      Vec* grad_u) {
+void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* left, Vec* grad_vote, Vec* grad_u) {
   const int64_t B = p.batch, I = p.inputs_per_example, J = p.parents, K = p.pose_dim;
-  const int64_t A = kInputDim > 0 ? kInputDim : p.input_dim, R = g.terms;
+  const int64_t A = kInputDim > 0 ? kInputDim : p.input_dim, R = gradient_terms(p);
   // Accumulators over a: all A of them with kInputDim > 0 (in registers), else one at a time.
   constexpr int64_t width = kInputDim > 0 ? kInputDim : 1;
   Vec total[width];
   std::fill(grad_u, grad_u + B * A, Vec{});
   for (int64_t j = 0; j < J; ++j) {
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t r = 0; r < R; ++r) left[r] = load(g.left + (((v * B + b) * R + r) * J + j) * kLanes);
-      const float* right = g.right + (b * R * J + j) * K;  // term r at right + r * J * K
+      for (int64_t r = 0; r < R; ++r) left[r] = load(p.left + (((v * B + b) * R + r) * J + j) * kLanes);
+      const float* right = p.right + (b * R * J + j) * K;  // term r at right + r * J * K
       for (int64_t k = 0; k < K; ++k) {  // independent chains over k: no accumulator waits for the previous FMA
         Vec sum = left[0] * right[k];
         for (int64_t r = 1; r < R; ++r) sum += left[r] * right[r * J * K + k];
@@ -392,13 +407,13 @@ void block_input_and_weight_gradients(const Problem& p, const Backward& g, const
       }
     }
     const float* weight = p.weight + (v * J + j) * K * A * kLanes;
-    float* target = grad_weight + (v * J + j) * K * A * kLanes;
+    float* target = p.grad_weight + (v * J + j) * K * A * kLanes;
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t a = 0; a < A; a += width) {
         for (int64_t w = 0; w < width; ++w) total[w] = Vec{};
         for (int64_t b = 0; b < B; ++b) {
           const Vec gv = grad_vote[b * K + k];
-          const float* u = packed_inputs + ((v * B + b) * A + a) * kLanes;
+          const float* u = p.packed_inputs + ((v * B + b) * A + a) * kLanes;
           for (int64_t w = 0; w < width; ++w) total[w] += gv * load(u + w * kLanes);
         }
         for (int64_t w = 0; w < width; ++w) store(target + (k * A + a + w) * kLanes, total[w]);
@@ -420,33 +435,69 @@ void block_input_and_weight_gradients(const Problem& p, const Backward& g, const
   for (int64_t b = 0; b < B; ++b)
     for (int64_t a = 0; a < A; ++a)
       for (int64_t lane = 0; lane < lanes; ++lane)
-        grad_inputs[(b * I + v * kLanes + lane) * A + a] = grad_u[b * A + a][lane];
+        p.grad_inputs[(b * I + v * kLanes + lane) * A + a] = grad_u[b * A + a][lane];
 }
 
 // Input blocks first_vector, first_vector + stride, ... of block_input_and_weight_gradients.
-void input_and_weight_gradients(const Problem& p, const Backward& g, const float* packed_inputs, float* grad_weight,
-                                float* grad_inputs, int64_t first_vector, int64_t stride) {
-  std::vector<Vec> left(g.terms), grad_vote(p.batch * p.pose_dim), grad_u(p.batch * p.input_dim);
+void input_and_weight_gradients(const Problem& p, int64_t first_vector, int64_t stride) {
+  std::vector<Vec> left(gradient_terms(p)), grad_vote(p.batch * p.pose_dim), grad_u(p.batch * p.input_dim);
   for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
     if (p.input_dim == 8)
-      block_input_and_weight_gradients<8>(p, g, packed_inputs, v, grad_weight, grad_inputs, left.data(),
-                                          grad_vote.data(), grad_u.data());
+      block_input_and_weight_gradients<8>(p, v, left.data(), grad_vote.data(), grad_u.data());
     else
-      block_input_and_weight_gradients<0>(p, g, packed_inputs, v, grad_weight, grad_inputs, left.data(),
-                                          grad_vote.data(), grad_u.data());
+      block_input_and_weight_gradients<0>(p, v, left.data(), grad_vote.data(), grad_u.data());
   }
 }
 
+// Runs body(thread, threads) on `threads` OpenMP threads; returns what one of them threw, or null. An exception must
+// not leave an OpenMP region (nor the C ABI): either ends the process.
 template <typename Body>
-void run_parallel(int threads, Body body) {
+const char* run_parallel(int threads, Body body) {
+  std::atomic<const char*> error{nullptr};
+  const auto guarded = [&](int thread, int count) {
+    try {
+      body(thread, count);
+    } catch (const std::bad_alloc&) {
+      error = "out of memory for the kernel's per-thread buffers";
+    } catch (...) {
+      error = "unexpected C++ exception in the kernel";
+    }
+  };
 #ifdef _OPENMP
   // Built with -fopenmp, this shares the process's OpenMP runtime (torch's libgomp on Linux) and its threads.
 #pragma omp parallel num_threads(threads)
-  body(omp_get_thread_num(), omp_get_num_threads());
+  guarded(omp_get_thread_num(), omp_get_num_threads());
 #else
   (void)threads;
-  body(0, 1);
+  guarded(0, 1);
 #endif
+  return error;
+}
+
+// Why the kernel cannot run this call, or null. Sizes zero or below would index empty buffers; an empty batch is
+// fine (nothing to route, the weight's gradient is zero).
+const char* invalid_call(const Problem* p, bool backward) {
+  if (!p) return "no arguments";
+  if (p->batch < 0) return "the batch size is negative";
+  if (p->inputs_per_example < 1) return "there are no input capsules";
+  if (p->input_dim < 1) return "the input capsules' dimension is not positive";
+  if (p->parents < 1) return "there are no class capsules";
+  if (p->pose_dim < 1) return "the class capsules' dimension is not positive";
+  if (p->padded_inputs != (p->inputs_per_example + kLanes - 1) / kLanes * kLanes)
+    return "padded_inputs is not the number of input capsules rounded up to whole vectors";
+  if (p->iterations < 1) return "routing needs at least one iteration";
+  if (p->examples_per_block < 1 || p->threads < 1) return "examples_per_block and threads must be positive";
+  if (!(p->epsilon >= 0.0f)) return "epsilon must be zero or positive";
+  if (!p->weight) return "the weight is missing";
+  if (!backward) {
+    if (p->batch > 0 && (!p->inputs || !p->poses || !p->coupling)) return "an input or output buffer is missing";
+  } else {
+    if (!p->grad_weight) return "the weight's gradient buffer is missing";
+    if (p->batch > 0 && (!p->inputs || !p->packed_inputs || !p->grad_poses || !p->grad_inputs || !p->grad_bias ||
+                         !p->left || !p->right))
+      return "an input, gradient or scratch buffer is missing";
+  }
+  return nullptr;
 }
 
 }  // namespace
@@ -461,32 +512,39 @@ extern "C" int capsnet_threaded() {
 #endif
 }
 
-extern "C" void capsnet_route(const float* inputs, const float* weight, const float* bias, float* poses,
-                              float* coupling, int64_t batch, int64_t inputs_per_example, int64_t input_dim,
-                              int64_t parents, int64_t pose_dim, int64_t padded_inputs, int64_t iterations,
-                              int leaky, float epsilon, int64_t examples_per_block, int threads) {
-  const Problem problem{inputs,  weight,   bias,          batch,      inputs_per_example, input_dim,
-                        parents, pose_dim, padded_inputs, iterations, leaky != 0,         epsilon,
-                        examples_per_block};
-  run_parallel(threads, [&](int thread, int count) { route_blocks(problem, poses, coupling, thread, count); });
+// "name:offset:size" of every field of CapsnetRoutingCall, then "size:<sizeof>": the loader compares it with its
+// ctypes mirror, so that the two cannot drift apart silently.
+extern "C" const char* capsnet_call_layout() {
+#define CAPSNET_FIELD(name) \
+  #name ":" + std::to_string(offsetof(CapsnetRoutingCall, name)) + ":" + std::to_string(sizeof(CapsnetRoutingCall::name)) + ";"
+  static const std::string layout =
+      std::string() + CAPSNET_FIELD(inputs) + CAPSNET_FIELD(packed_inputs) + CAPSNET_FIELD(weight) +
+      CAPSNET_FIELD(bias) + CAPSNET_FIELD(poses) + CAPSNET_FIELD(coupling) + CAPSNET_FIELD(grad_poses) +
+      CAPSNET_FIELD(grad_coupling) + CAPSNET_FIELD(grad_inputs) + CAPSNET_FIELD(grad_weight) +
+      CAPSNET_FIELD(grad_bias) + CAPSNET_FIELD(left) + CAPSNET_FIELD(right) + CAPSNET_FIELD(batch) +
+      CAPSNET_FIELD(inputs_per_example) + CAPSNET_FIELD(input_dim) + CAPSNET_FIELD(parents) +
+      CAPSNET_FIELD(pose_dim) + CAPSNET_FIELD(padded_inputs) + CAPSNET_FIELD(iterations) +
+      CAPSNET_FIELD(examples_per_block) + CAPSNET_FIELD(leaky) + CAPSNET_FIELD(detach_inner_votes) +
+      CAPSNET_FIELD(threads) + CAPSNET_FIELD(epsilon) + "size:" + std::to_string(sizeof(CapsnetRoutingCall));
+#undef CAPSNET_FIELD
+  return layout.c_str();
 }
 
-// Gradients of capsnet_route's poses and couplings w.r.t. inputs, weight (packed layout) and bias (per example).
-// Recomputes the votes and routing; left and right ([P / L, B, terms, J, L] and [B, terms, J, K]) are scratch space.
-extern "C" void capsnet_route_backward(const float* inputs, const float* packed_inputs, const float* weight,
-                                       const float* bias, const float* grad_poses, const float* grad_coupling,
-                                       float* grad_inputs, float* grad_weight, float* grad_bias, float* left,
-                                       float* right, int64_t batch, int64_t inputs_per_example, int64_t input_dim,
-                                       int64_t parents, int64_t pose_dim, int64_t padded_inputs, int64_t iterations,
-                                       int leaky, float epsilon, int detach_inner_votes, int64_t examples_per_block,
-                                       int threads) {
-  const Problem problem{inputs,  weight,   bias,          batch,      inputs_per_example, input_dim,
-                        parents, pose_dim, padded_inputs, iterations, leaky != 0,         epsilon,
-                        examples_per_block};
-  const int64_t terms = detach_inner_votes ? 1 : 2 * iterations - 1;
-  const Backward backward{grad_poses, grad_coupling, detach_inner_votes != 0, terms, left, right, grad_bias};
-  run_parallel(threads, [&](int thread, int count) { backprop_blocks(problem, backward, thread, count); });
-  run_parallel(threads, [&](int thread, int count) {
-    input_and_weight_gradients(problem, backward, packed_inputs, grad_weight, grad_inputs, thread, count);
-  });
+// Poses and last couplings of a batch (inputs, weight, bias -> poses, coupling). Null, or why it did not run.
+extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
+  if (const char* error = invalid_call(call, false)) return error;
+  return run_parallel(call->threads, [&](int thread, int count) { route_blocks(*call, thread, count); });
+}
+
+// Gradients of capsnet_route's poses and couplings (grad_poses, grad_coupling) w.r.t. the inputs, the packed weight
+// and the bias (per example), from inputs, packed_inputs, weight and bias; recomputes the votes and the routing.
+// Null, or why it did not run.
+extern "C" const char* capsnet_route_backward(const CapsnetRoutingCall* call) {
+  if (const char* error = invalid_call(call, true)) return error;
+  if (const char* error = run_parallel(call->threads, [&](int thread, int count) {
+        backprop_blocks(*call, thread, count);
+      }))
+    return error;
+  return run_parallel(call->threads,
+                      [&](int thread, int count) { input_and_weight_gradients(*call, thread, count); });
 }
