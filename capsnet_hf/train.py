@@ -250,9 +250,8 @@ def build_model(args, data: TrainingData, accelerator):
         model = load_pretrained_model(model_class, args.model_name_or_path, config=config)
     else:
         model = model_class(config)
-    kernel_mode = "false" if args.torch_compile else args.cpu_routing_kernel  # compile traces the torch ops
     try:  # the baseline CNN has no class capsules: 'auto' leaves it alone, parse_args refuses 'true'
-        kernel_note = use_cpu_routing_kernel(model, kernel_mode, accelerator.device)
+        kernel_note = use_cpu_routing_kernel(model, args.cpu_routing_kernel, accelerator.device)
     except KernelBuildError as error:
         raise UsageError(f"--cpu_routing_kernel: {error}") from error
     if kernel_note:

@@ -177,14 +177,21 @@ def test_output_dir_with_the_same_architecture_is_accepted(tmp_path):
     saved = small_config()
     saved.save_pretrained(tmp_path)
     new = small_config(**{field.name: other_value(saved, field) for field in weights_alone})
-    check_output_dir(str(tmp_path), new, overwrite=False, resuming=False)
+    check_output_dir(str(tmp_path), new, overwrite=False, resuming=True)
     # A key missing from config.json (a diff-style file) has its default.
     saved_json = json.loads((tmp_path / "config.json").read_text())
     del saved_json["routing_bias"], saved_json["padding"]
     (tmp_path / "config.json").write_text(json.dumps(saved_json))
-    check_output_dir(str(tmp_path), new, overwrite=False, resuming=False)
+    check_output_dir(str(tmp_path), new, overwrite=False, resuming=True)
     with pytest.raises(UsageError, match=r"\(padding differ\)"):
-        check_output_dir(str(tmp_path), small_config(padding="same"), overwrite=False, resuming=False)
+        check_output_dir(str(tmp_path), small_config(padding="same"), overwrite=False, resuming=True)
+
+
+def test_a_finished_output_dir_is_refused_even_for_the_same_model(tmp_path):
+    small_config().save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="holds a trained model: pass --overwrite_output_dir to replace it"):
+        check_output_dir(str(tmp_path), small_config(), overwrite=False, resuming=False)
+    check_output_dir(str(tmp_path), small_config(), overwrite=True, resuming=False)
 
 
 def test_output_dir_with_another_model_type_or_an_invalid_config_is_refused(tmp_path):

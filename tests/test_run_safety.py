@@ -104,3 +104,21 @@ def test_final_folder_moves_config_last_and_leaves_no_staging(tmp_path, monkeypa
     assert moved[-1] == "config.json" and "model.safetensors" in moved
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith(".partial")]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model_type"] == "capsnet"
+
+
+def test_images_too_small_for_the_model_are_one_line(tmp_path, capsys):
+    dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8}, size=(1, 1))
+    assert main(tiny_args(dataset, tmp_path / "run", "--max_train_steps", "1")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("capsnet-train: error: ") and "image_size [1, 1] is too small" in error
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_finished_output_dir_is_not_trained_over(tmp_path, capsys):
+    dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8})
+    train(tiny_args(dataset, tmp_path / "run", "--max_train_steps", "1"))
+    _reset()
+    assert main(tiny_args(dataset, tmp_path / "run", "--max_train_steps", "1")) == 2
+    assert "holds a trained model" in capsys.readouterr().err
+    _reset()
+    assert main(tiny_args(dataset, tmp_path / "run", "--max_train_steps", "1", "--overwrite_output_dir")) == 0

@@ -191,8 +191,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     problem = out_of_range(args)
     if problem:
         parser.error(problem)
-    if args.torch_compile and args.cpu_routing_kernel == "true":
-        parser.error("--torch_compile traces the torch path; it cannot be combined with --cpu_routing_kernel true")
     return args
 
 

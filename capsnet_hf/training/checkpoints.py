@@ -21,16 +21,16 @@ NOT_PUBLISHED = (f"{CHECKPOINT_DIR}/*", f"{TRACKER_PROJECT}/*", LOG_FILE, LOCK_F
 
 
 def check_output_dir(output_dir: str, config: Any, overwrite: bool, resuming: bool) -> None:
-    """Refuse an output folder that holds a different model, or checkpoints of an earlier run that a new run would
-    mix with its own (resume it, or pass --overwrite_output_dir). A different model: another model type or number of
-    labels, or another value of an option declared with `architecture=True` (a key missing from config.json has its
-    default, as in `to_diff_dict`); options that leave the weights alone (routing, losses, initialisation) may
-    differ."""
+    """Unless `overwrite`: refuse an output folder that holds a different model, or a finished model or checkpoints
+    of an earlier run that a new run would replace or mix with its own (resuming continues them). A different model:
+    another model type or number of labels, or another value of an option declared with `architecture=True` (a key
+    missing from config.json has its default, as in `to_diff_dict`); options that leave the weights alone (routing,
+    losses, initialisation) may differ when resuming."""
     from ..configuration_capsnet import architecture_options
 
-    if overwrite or resuming:
+    if overwrite:
         return
-    if list_checkpoints(output_dir):
+    if not resuming and list_checkpoints(output_dir):
         raise UsageError(
             f"--output_dir {output_dir!r} holds checkpoints of an earlier run: continue it with "
             "--resume_from_checkpoint latest, or pass --overwrite_output_dir to start afresh"
@@ -57,6 +57,11 @@ def check_output_dir(output_dir: str, config: Any, overwrite: bool, resuming: bo
         raise UsageError(
             f"--output_dir {output_dir!r} holds a different model ({', '.join(different)} differ); "
             "choose another folder or pass --overwrite_output_dir"
+        )
+    if not resuming:
+        raise UsageError(
+            f"--output_dir {output_dir!r} holds a trained model: pass --overwrite_output_dir to replace it, or "
+            "continue its run with --resume_from_checkpoint latest"
         )
 
 
