@@ -294,12 +294,8 @@ class AffNISTStyle(_DigitGenerator):
         each in [0.8, 1.2], composed as rotation @ shear @ scale about the centre of the 28x28 digit; then a
         translation, uniform over the positions where the transformed digit's ink bounding box lies inside the
         40x40 canvas (centred when it does not fit).
-    Source of the ranges: the affNIST page (https://www.cs.toronto.edu/~tijmen/affNIST/, Tijmen Tieleman) lists
-    rotation, shearing, vertical and horizontal scaling and translation as its transformations; the values above
-    are those ranges as recalled when this module was written, NOT re-checked against the page: the only copy of
-    the page reachable offline held its introduction alone (40x40 images, "various reasonable affine
-    transformations", "significant translations"). Every range is a constructor argument, so a confirmed value is
-    a one-argument change.
+    The affNIST page (https://www.cs.toronto.edu/~tijmen/affNIST/) lists these kinds of transformation; the ranges
+    are unconfirmed against it (docs/results.md) and each is a constructor argument.
     The image is resampled bilinearly (values stay in [0, 1]); affNIST's own resampling method is not known here.
 
     Example `k` is digit `k % N` in transformation variant `k // N`.
