@@ -176,3 +176,29 @@ def test_kernel_that_cannot_be_built_is_a_clear_error(bench, tmp_path, no_compil
     assert bench.main(["--cpu-routing-kernel", "--json", str(tmp_path / "r.json")]) == 2
     assert "needs a C++ compiler" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_capsnet_bf16_variants_run_beside_fp32(bench, tmp_path):
+    output = tmp_path / "bf16.json"
+    assert bench.main([*KERNEL_CASE, "--precision", "fp32", "bf16", "--json", str(output)]) == 0
+    times = json.loads(output.read_text())["results"][0]["times"]
+    assert {f"{name}_bf16" for name in bench.BF16_VARIANTS} <= set(times) and "train" in times
+
+
+def test_bench_inference_reports_latency_and_throughput_beside_a_peer(tmp_path, capsys):
+    inference = load_script("bench_inference")
+    peer = tmp_path / "peer.py"
+    peer.write_text(
+        "import torch\n\nclass Linear(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(784, 10)\n\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n"
+    )
+    output = tmp_path / "inference.json"
+    argv = ["--threads", "1", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0", "--precision", "fp32",
+            "bf16", "--peer", f"linear={peer}:Linear()", "--json", str(output)]  # fmt: skip
+    assert inference.main(argv) == 0
+    rows = json.loads(output.read_text())["results"]
+    names = {row["variant"] for row in rows}
+    assert {"torch", "torch_bf16", "peer_linear", "peer_linear_bf16"} <= names
+    assert all(row["images_per_second"] > 0 and row["batch_size"] in (1, 2) for row in rows)
+    assert "images/s" in capsys.readouterr().out
+    assert inference.main(["--peer", "broken"]) == 2
