@@ -40,8 +40,12 @@ def render_model_card(template_name: str, fields: Mapping[str, Any], card_data: 
     )
 
 
-def _is_local_path(name: str) -> bool:
-    return os.path.exists(name) or name.startswith((".", "/", "~"))
+def hub_dataset_id(args: Mapping[str, Any]) -> str | None:
+    """The Hub id of the training data for a card's metadata: `--dataset_hub_id`, else `--dataset_name` unless it is
+    a local path."""
+    name = args["dataset_name"]
+    local = os.path.exists(name) or name.startswith((".", "/", "~"))
+    return args.get("dataset_hub_id") or (None if local else name)
 
 
 def render_trained_model_card(
@@ -63,7 +67,7 @@ def render_trained_model_card(
     from .training.recipes import RECIPES
 
     dataset = args["dataset_name"]
-    dataset_id = args.get("dataset_hub_id") or (None if _is_local_path(dataset) else dataset)
+    dataset_id = hub_dataset_id(args)
     dataset_title = dataset_id or os.path.basename(os.path.normpath(dataset))
     repo_id = args.get("hub_model_id") or os.path.basename(os.path.normpath(args["output_dir"]))
     model_name = repo_id.split("/")[-1]

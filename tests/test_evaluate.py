@@ -143,7 +143,8 @@ def test_baseline_cnn_trains_loads_with_auto_classes_and_evaluates(tmp_path):
     model = AutoModelForImageClassification.from_pretrained(output_dir)
     assert isinstance(model, BaselineCNNForImageClassification)
     assert model.config.model_type == "capsnet_baseline_cnn" and model.config.image_size == [16, 16]
-    assert "Baseline CNN" in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert "Baseline CNN" in card and "pipeline_tag: image-classification" in card and "license: apache-2.0" in card
     assert not (output_dir / "reconstructions.png").exists()  # no capsules, no decoder
     _reset_accelerate()
     result = evaluate(["--model_name_or_path", str(output_dir), "--dataset_name", dataset])

@@ -49,7 +49,7 @@ def save_model_folder(args, model, processor, record: TrainingRecord, eval_data,
             save_reconstruction_figure(model, eval_data, eval_transform, os.path.join(partial, figure))
         if args.model_type == "baseline_cnn":
             write_baseline_card(
-                os.path.join(partial, "README.md"), record.command, record.train_results, record.eval_results
+                os.path.join(partial, "README.md"), args, record.command, record.train_results, record.eval_results
             )
             return
         card = render_trained_model_card(
@@ -65,16 +65,29 @@ def save_model_folder(args, model, processor, record: TrainingRecord, eval_data,
         card.save(os.path.join(partial, "README.md"))
 
 
-def write_baseline_card(path: str, command: str, train_results: dict[str, Any], eval_results: dict[str, Any]) -> None:
-    """A short model card for the paper's baseline CNN (no capsules: no routing or reconstruction sections)."""
+def write_baseline_card(path: str, args, command: str, train_results: dict[str, Any], eval_results: dict[str, Any]):
+    """A short model card for the paper's baseline CNN (no capsules: no routing or reconstruction sections), with the
+    Hub metadata of the CapsNet cards (library, pipeline, license, data set)."""
+    from huggingface_hub import ModelCardData
+
+    from ..hub import hub_dataset_id
+
+    dataset_id = hub_dataset_id(vars(args))
+    metadata = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        license=args.license or "apache-2.0",
+        datasets=[dataset_id] if dataset_id else None,
+        tags=["image-classification", "capsnet-baseline"],
+        metrics=["accuracy"],
+    )
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [image-classification, capsnet-baseline]",
+        metadata.to_yaml(),
         "---",
         '# Baseline CNN of "Dynamic Routing Between Capsules" (Sabour, Frosst & Hinton, 2017)',
         "",
-        "Three 5x5 ReLU convolutions (256, 256, 128), FC 328, FC 192, dropout, softmax (`capsnet_hf.baseline_cnn`).",
+        "Three 5x5 ReLU convolutions (256, 256, 128), FC 328, FC 192, dropout, softmax (`capsnet_hf.paper.baseline_cnn`).",
         "Load with `import capsnet_hf` and `AutoModelForImageClassification.from_pretrained`.",
         "",
         f"Trained with `{command}`: {train_results['train_steps']} steps, {train_results['train_examples_seen']} "
