@@ -56,7 +56,7 @@ def _new_figure(
     return figure, axes
 
 
-def _display(image: torch.Tensor) -> np.ndarray:
+def display_array(image: torch.Tensor) -> np.ndarray:
     """[C, H, W] -> an array imshow can draw: [H, W] gray or [H, W, 3] RGB, min-max scaled when outside [0, 1]
     (standardized inputs)."""
     image = image.detach().float().cpu()
@@ -68,11 +68,12 @@ def _display(image: torch.Tensor) -> np.ndarray:
 
 
 def _show(axis: Any, image: torch.Tensor) -> None:
-    array = _display(image)
+    array = display_array(image)
     axis.imshow(array, cmap="gray" if array.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
 
 
-def _class_name(model: Any, index: int) -> str:
+def class_name(model: Any, index: int) -> str:
+    """The name of class `index` in the model's `id2label`, else the index."""
     id2label = getattr(model.config, "id2label", None) or {}
     return str(id2label.get(index, index))
 
@@ -104,9 +105,9 @@ def plot_reconstructions(
     for column in range(pixel_values.shape[0]):
         _show(axes[0, column], pixel_values[column])
         _show(axes[1, column], reconstructions[column])
-        title = f"p={_class_name(model, int(predicted[column]))}"
+        title = f"p={class_name(model, int(predicted[column]))}"
         if labels is not None:
-            title = f"l={_class_name(model, int(labels[column]))} {title}"
+            title = f"l={class_name(model, int(labels[column]))} {title}"
         axes[0, column].set_title(title, fontsize=7)
     axes[0, 0].set_ylabel("input", fontsize=7)
     axes[1, 0].set_ylabel("reconstruction", fontsize=7)
@@ -155,7 +156,7 @@ def plot_perturbations(
     Figure: len(steps) x capsule_dim panels."""
     images, target = perturbed_reconstructions(model, pixel_values, steps, class_index)
     rows, columns = images.shape[:2]
-    tiles = [[_display(images[row, column]) for column in range(columns)] for row in range(rows)]
+    tiles = [[display_array(images[row, column]) for column in range(columns)] for row in range(rows)]
     height, width = tiles[0][0].shape[:2]
     gap = max(1, height // 10)
     mosaic = np.ones(((height + gap) * rows - gap, (width + gap) * columns - gap, *tiles[0][0].shape[2:]))
@@ -172,7 +173,7 @@ def plot_perturbations(
     axis.set_yticks([row * (height + gap) + (height - 1) / 2 for row in range(rows)])
     axis.set_yticklabels([f"dim {row}" for row in range(rows)], fontsize=7)
     axis.tick_params(length=0)
-    axis.set_title(f"class {_class_name(model, target)}", fontsize=8)
+    axis.set_title(f"class {class_name(model, target)}", fontsize=8)
     return figure
 
 
@@ -202,10 +203,10 @@ def plot_multimnist(
         green = second[column].float().mean(0).clamp(0, 1).cpu()
         overlay = torch.stack([red, green, torch.zeros_like(red)], dim=-1).numpy()
         axes[1, column].imshow(overlay, interpolation="nearest")
-        predicted = ",".join(_class_name(model, int(c)) for c in top_two[column])
+        predicted = ",".join(class_name(model, int(c)) for c in top_two[column])
         title = f"R:({predicted})"
         if labels is not None:
-            title = f"L:({','.join(_class_name(model, int(c)) for c in labels[column])}) {title}"
+            title = f"L:({','.join(class_name(model, int(c)) for c in labels[column])}) {title}"
         axes[0, column].set_title(title, fontsize=6)
     axes[0, 0].set_ylabel("input", fontsize=7)
     axes[1, 0].set_ylabel("red / green", fontsize=7)
@@ -236,7 +237,7 @@ def plot_routing(model: Any, pixel_values: torch.Tensor, panel_inches: float = D
     figure, axes = _new_figure(pixel_values.shape[0], 2, panel_inches)
     for column in range(pixel_values.shape[0]):
         _show(axes[0, column], pixel_values[column])
-        axes[0, column].set_title(f"p={_class_name(model, int(predicted[column]))}", fontsize=7)
+        axes[0, column].set_title(f"p={class_name(model, int(predicted[column]))}", fontsize=7)
         image = axes[1, column].imshow(maps[column].float().cpu().numpy(), cmap="viridis", interpolation="nearest")
         colorbar = figure.colorbar(image, ax=axes[1, column], fraction=0.046, pad=0.04)
         colorbar.ax.tick_params(labelsize=5)
