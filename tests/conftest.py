@@ -106,3 +106,17 @@ def fresh_accelerate_state():
     _reset_accelerate_state()
     yield
     _reset_accelerate_state()
+
+
+@pytest.fixture
+def renamed_names(monkeypatch):
+    """The base names that `os.replace` renames onto, in order, during the test."""
+    names = []
+    real_replace = os.replace
+
+    def recording_replace(source, target):
+        names.append(os.path.basename(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return names

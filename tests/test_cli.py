@@ -53,19 +53,12 @@ def test_write_aside_file_appears_whole_or_not_at_all(tmp_path):
     assert target.read_text() == "{}" and os.listdir(target.parent) == ["metrics.json"]
 
 
-def test_write_aside_folder_keeps_other_entries_and_moves_config_last(tmp_path, monkeypatch):
+def test_write_aside_folder_keeps_other_entries_and_moves_config_last(tmp_path, renamed_names):
+    moved = renamed_names
     folder = tmp_path / "model"
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "config.json").write_text("old")
     (folder / "model.safetensors").write_text("old")
-    moved = []
-    real_replace = os.replace
-
-    def recording_replace(source, target):
-        moved.append(os.path.basename(target))
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", recording_replace)
     with write_aside(folder, folder=True) as partial:
         for name in ("config.json", "model.safetensors", "README.md"):
             (tmp_path / partial / name).write_text("new")

@@ -90,16 +90,9 @@ def test_broken_model_name_or_path_is_one_line(checkpointed_run, tmp_path):
     assert not (tmp_path / "new" / "config.json").exists()
 
 
-def test_final_folder_moves_config_last_and_leaves_no_staging(tmp_path, monkeypatch):
+def test_final_folder_moves_config_last_and_leaves_no_staging(tmp_path, renamed_names):
+    moved = renamed_names
     dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8})
-    moved = []
-    real_replace = os.replace
-
-    def recording_replace(source, target):
-        moved.append(os.path.basename(target))
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", recording_replace)
     train(tiny_args(dataset, tmp_path / "run", "--max_train_steps", "2"))
     assert moved[-1] == "config.json" and "model.safetensors" in moved
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith(".partial")]
