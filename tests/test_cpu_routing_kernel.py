@@ -371,7 +371,7 @@ def test_corrupt_cached_library_is_a_clear_error(tmp_path):
         load_kernel_library(str(corrupt))
     (corrupt / library.name).unlink()
     load_kernel_library.cache_clear()
-    assert load_kernel_library(str(corrupt)).capsnet_lanes() == 8  # rebuilt
+    assert load_kernel_library(str(corrupt)).capsnet_lanes() in (8, 16)  # rebuilt
 
 
 def test_command_line_modes(tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def test_inference_matches_reference(padding, leaky, mode):
 @pytest.mark.parametrize("leaky", [False, True], ids=["softmax", "leaky"])
 @pytest.mark.parametrize("padding", ["valid", "same"])
 def test_cpu_routing_kernel_matches_reference(padding, leaky, iterations, routing_bias):
-    """The opt-in C++ kernel; 17 px gives I = 50 (valid) or 162 (same), not multiples of its 8 lanes."""
+    """The opt-in C++ kernel; 17 px gives I = 50 (valid) or 162 (same), not multiples of its 8 or 16 lanes."""
     model, config = build(
         "kernel",
         image_size=17,

@@ -5,8 +5,8 @@
 // capsnet_call_layout() when the library is loaded, and returns null or a one-line error (it validates the sizes
 // itself and never lets a C++ exception escape). The torch formulation writes the votes of a batch to memory and
 // streams them 2 x iterations - 1 times; here each thread computes the votes of a few examples into its own buffer,
-// laid out so that 8 input capsules fill one vector register, and then routes each example with one pass per
-// iteration after the first: agreement with v_j, softmax over the parents and the next weighted sum s_j, for 8 input
+// laid out so that L input capsules fill one vector register, and then routes each example with one pass per
+// iteration after the first: agreement with v_j, softmax over the parents and the next weighted sum s_j, for L input
 // capsules at a time. Float32 throughout; results differ from the torch path by float rounding only (summation
 // order, a polynomial exp).
 //
@@ -15,7 +15,7 @@
 // and writes dL/du_hat as a sum of rank-one terms per parent (2T - 1 of them). A second parallel phase, over input
 // blocks instead of examples, turns those terms into dL/du and dL/dW, so that no thread needs its own copy of dL/dW.
 //
-// Layouts (L = 8 lanes, P = I rounded up to a multiple of L, padding capsules have zero votes):
+// Layouts (L = kLanes, P = I rounded up to a multiple of L, padding capsules have zero votes):
 //   inputs         [B, I, A]           primary capsules u_i
 //   packed_inputs  [P / L, B, A, L]    the same, input-block major, zero padded (backward only)
 //   weight         [P / L, J, K, A, L] W[i, j, k, a] with i = block * L + lane
@@ -39,7 +39,13 @@
 
 namespace {
 
+// L: one vector register of floats. AVX-512 doubles it; measured against 8 lanes on the same CPU in
+// docs/performance.md.
+#ifdef __AVX512F__
+constexpr int64_t kLanes = 16;
+#else
 constexpr int64_t kLanes = 8;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
