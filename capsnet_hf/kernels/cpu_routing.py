@@ -183,7 +183,8 @@ def _pack_weight(weight: Tensor, lanes: int) -> Tensor:
     """W [I, J, K, A] -> [P / L, J, K, A, L]: L input capsules side by side, I padded to P with zeros."""
     num_inputs, num_classes, capsule_dim, input_dim = weight.shape
     padded = _padded(num_inputs, lanes)
-    weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - num_inputs))
+    if padded != num_inputs:  # F.pad copies even when it pads nothing
+        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - num_inputs))
     packed = weight.reshape(padded // lanes, lanes, num_classes, capsule_dim, input_dim)
     return packed.permute(0, 2, 3, 4, 1).contiguous()
 
@@ -309,8 +310,8 @@ def route_class_capsules_backward(
     padded = _padded(num_inputs, lanes)
     packed_weight = _pack_weight(weight, lanes)
     # [B, I, A] -> [P / L, B, A, L]: zero padded, input-block major for the second phase, which runs over input blocks
-    packed_inputs = F.pad(inputs, (0, 0, 0, padded - num_inputs)).view(batch_size, padded // lanes, lanes, input_dim)
-    packed_inputs = packed_inputs.permute(1, 0, 3, 2).contiguous()
+    packed_inputs = inputs if padded == num_inputs else F.pad(inputs, (0, 0, 0, padded - num_inputs))
+    packed_inputs = packed_inputs.view(batch_size, padded // lanes, lanes, input_dim).permute(1, 0, 3, 2).contiguous()
     terms = 1 if detach_inner_votes else 2 * iterations - 1
     left = inputs.new_empty(padded // lanes, batch_size, terms, num_classes, lanes)
     right = inputs.new_empty(batch_size, terms, num_classes, capsule_dim)
