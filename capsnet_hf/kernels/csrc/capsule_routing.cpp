@@ -177,6 +177,30 @@ void capsule_votes(const float* weight, const float* u, int64_t input_dim, int64
   }
 }
 
+// capsule_votes<8> of two examples in one sweep over the weight: each weight vector loaded serves both.
+void capsule_votes_pair(const float* weight, const float* u0, const float* u1, int64_t count, float* out0,
+                        float* out1, Vec* first_sum0, Vec* first_sum1) {
+  constexpr int64_t A = 8;
+  Vec in0[A], in1[A];
+  for (int64_t a = 0; a < A; ++a) {
+    in0[a] = load(u0 + a * kLanes);
+    in1[a] = load(u1 + a * kLanes);
+  }
+  for (int64_t jk = 0; jk < count; ++jk) {
+    const float* w = weight + jk * A * kLanes;
+    Vec vote0{}, vote1{};
+    for (int64_t a = 0; a < A; ++a) {
+      const Vec wa = load(w + a * kLanes);
+      vote0 += wa * in0[a];
+      vote1 += wa * in1[a];
+    }
+    store(out0 + jk * kLanes, vote0);
+    store(out1 + jk * kLanes, vote1);
+    first_sum0[jk] += vote0;
+    first_sum1[jk] += vote1;
+  }
+}
+
 // One thread's buffers: a block of examples' inputs [P / L, A, L] and votes [P / L, J, K, L], and one example's
 // routing state.
 struct Workspace {
@@ -214,14 +238,18 @@ void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t
   std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
   for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
     const float* weight = p.weight + v * JK * A * kLanes;
-    for (int64_t e = 0; e < count; ++e) {
-      const float* u = ws.inputs.data() + e * A * p.padded_inputs + v * A * kLanes;
-      float* out = ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
-      Vec* first_sum = ws.first_sums.data() + e * JK;
+    const auto u = [&](int64_t e) { return ws.inputs.data() + e * A * p.padded_inputs + v * A * kLanes; };
+    const auto out = [&](int64_t e) { return ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes; };
+    const auto first_sum = [&](int64_t e) { return ws.first_sums.data() + e * JK; };
+    int64_t e = 0;
+    if (A == 8)
+      for (; e + 1 < count; e += 2)
+        capsule_votes_pair(weight, u(e), u(e + 1), JK, out(e), out(e + 1), first_sum(e), first_sum(e + 1));
+    for (; e < count; ++e) {
       if (A == 8)
-        capsule_votes<8>(weight, u, A, JK, out, first_sum);
+        capsule_votes<8>(weight, u(e), A, JK, out(e), first_sum(e));
       else
-        capsule_votes<0>(weight, u, A, JK, out, first_sum);
+        capsule_votes<0>(weight, u(e), A, JK, out(e), first_sum(e));
     }
   }
 }
