@@ -1,10 +1,10 @@
 """`--mixed_precision auto`: bf16 where the hardware runs it natively, float32 elsewhere.
 
-bf16 autocast about halves the convolutions' time on current GPUs and on some CPUs with native bf16 instructions (an
-AMX Xeon, an AVX512-BF16 AMD EPYC), is level with or slower than float32 on others (an AVX512-BF16 Xeon without
-AMX), and on a CPU without them oneDNN emulates bf16, about 14x slower than float32 (docs/benchmarks.md, "By machine
-kind"). The choice is made from the hardware's flags, never hard-coded; `--mixed_precision no` is the faster choice
-where bf16 is only level:
+bf16 autocast trains faster than float32 on a GPU at large batches (an H100: 1.56x at batch 1024) and on some CPUs
+with native bf16 instructions (an AVX512-BF16 AMD EPYC: 2.04x), is level with or slower than float32 on others (an
+AVX512-BF16 Xeon without AMX: 1.05-1.17x the time), and on a CPU without them oneDNN emulates bf16, about 14x slower
+(docs/benchmarks.md, "By machine kind"). The choice is made from the hardware's flags, never hard-coded;
+`--mixed_precision no` is the faster choice where bf16 is only level:
 
 - CUDA: bf16 when `torch.cuda.is_bf16_supported()` (Ampere and later), else float32 (fp16 is never chosen by itself:
   it needs loss scaling);

@@ -4,11 +4,11 @@
 // point takes one CapsnetRoutingCall, mirrored field by field by a ctypes.Structure there and checked against
 // capsnet_call_layout() when the library is loaded, and returns null or a one-line error (it validates the sizes
 // itself and never lets a C++ exception escape). The torch formulation writes the votes of a batch to memory and
-// streams them 2 x iterations - 1 times; here each thread computes the votes of a few examples into its own buffer,
-// laid out so that L input capsules fill one vector register, and then routes each example with one pass per
-// iteration after the first: agreement with v_j, softmax over the parents and the next weighted sum s_j, for L input
-// capsules at a time. Float32 throughout; results differ from the torch path by float rounding only (summation
-// order, a polynomial exp).
+// streams them 2 x iterations - 1 times; here each thread computes the votes of a block of examples (two per sweep
+// over the weight) into its own buffer, laid out so that L input capsules fill one vector register, and then routes
+// each example with one pass per iteration after the first: agreement with v_j, softmax over the parents and the next
+// weighted sum s_j, for L input capsules at a time. Float32 throughout; results differ from the torch path by float
+// rounding only (summation order, a polynomial exp).
 //
 // The backward (capsnet_route_backward) saves nothing from the forward: per example it recomputes the votes and the
 // routing (keeping every iteration's couplings), then walks the iterations back with one pass over the votes each,
@@ -155,49 +155,34 @@ void squash_backward(const Problem& p, const float* preactivation, const float* 
   }
 }
 
-// Votes of kLanes input capsules: out[jk] = sum_a weight[jk, a] u[a] for jk < count, also added to first_sum[jk].
-// kInputDim > 0 fixes the input capsules' dimension at compile time (8 in the paper), which keeps u in registers.
-template <int64_t kInputDim>
-void capsule_votes(const float* weight, const float* u, int64_t input_dim, int64_t count, float* out,
-                   Vec* first_sum) {
+// Votes of kLanes input capsules for kExamples examples in one sweep over the weight: out[e][jk] = sum_a
+// weight[jk, a] u[e][a] for jk < count, also added to first_sum[e][jk]. kInputDim > 0 fixes the input capsules'
+// dimension at compile time (8 in the paper), which keeps every example's u in registers, so that each weight vector
+// loaded serves all kExamples (the weight, not the arithmetic, is what the votes wait for: docs/performance.md).
+template <int64_t kInputDim, int64_t kExamples>
+void capsule_votes(const float* weight, const float* const* u, int64_t input_dim, int64_t count, float* const* out,
+                   Vec* const* first_sum) {
+  static_assert(kInputDim > 0 || kExamples == 1, "a runtime input dimension takes one example at a time");
   const int64_t A = kInputDim > 0 ? kInputDim : input_dim;
-  Vec inputs[kInputDim > 0 ? kInputDim : 1];
+  Vec inputs[kExamples][kInputDim > 0 ? kInputDim : 1];
   if constexpr (kInputDim > 0)
-    for (int64_t a = 0; a < kInputDim; ++a) inputs[a] = load(u + a * kLanes);
+    for (int64_t e = 0; e < kExamples; ++e)
+      for (int64_t a = 0; a < kInputDim; ++a) inputs[e][a] = load(u[e] + a * kLanes);
   for (int64_t jk = 0; jk < count; ++jk) {
     const float* w = weight + jk * A * kLanes;
-    Vec vote{};
+    Vec vote[kExamples] = {};
     if constexpr (kInputDim > 0) {
-      for (int64_t a = 0; a < kInputDim; ++a) vote += load(w + a * kLanes) * inputs[a];
+      for (int64_t a = 0; a < kInputDim; ++a) {
+        const Vec weight_vector = load(w + a * kLanes);
+        for (int64_t e = 0; e < kExamples; ++e) vote[e] += weight_vector * inputs[e][a];
+      }
     } else {
-      for (int64_t a = 0; a < A; ++a) vote += load(w + a * kLanes) * load(u + a * kLanes);
+      for (int64_t a = 0; a < A; ++a) vote[0] += load(w + a * kLanes) * load(u[0] + a * kLanes);
     }
-    store(out + jk * kLanes, vote);
-    first_sum[jk] += vote;
-  }
-}
-
-// capsule_votes<8> of two examples in one sweep over the weight: each weight vector loaded serves both.
-void capsule_votes_pair(const float* weight, const float* u0, const float* u1, int64_t count, float* out0,
-                        float* out1, Vec* first_sum0, Vec* first_sum1) {
-  constexpr int64_t A = 8;
-  Vec in0[A], in1[A];
-  for (int64_t a = 0; a < A; ++a) {
-    in0[a] = load(u0 + a * kLanes);
-    in1[a] = load(u1 + a * kLanes);
-  }
-  for (int64_t jk = 0; jk < count; ++jk) {
-    const float* w = weight + jk * A * kLanes;
-    Vec vote0{}, vote1{};
-    for (int64_t a = 0; a < A; ++a) {
-      const Vec wa = load(w + a * kLanes);
-      vote0 += wa * in0[a];
-      vote1 += wa * in1[a];
+    for (int64_t e = 0; e < kExamples; ++e) {
+      store(out[e] + jk * kLanes, vote[e]);
+      first_sum[e][jk] += vote[e];
     }
-    store(out0 + jk * kLanes, vote0);
-    store(out1 + jk * kLanes, vote1);
-    first_sum0[jk] += vote0;
-    first_sum1[jk] += vote1;
   }
 }
 
@@ -238,18 +223,26 @@ void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t
   std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
   for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
     const float* weight = p.weight + v * JK * A * kLanes;
-    const auto u = [&](int64_t e) { return ws.inputs.data() + e * A * p.padded_inputs + v * A * kLanes; };
-    const auto out = [&](int64_t e) { return ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes; };
-    const auto first_sum = [&](int64_t e) { return ws.first_sums.data() + e * JK; };
+    const float* u[2];
+    float* out[2];
+    Vec* first_sum[2];
+    const auto point_at = [&](int64_t slot, int64_t e) {
+      u[slot] = ws.inputs.data() + e * A * p.padded_inputs + v * A * kLanes;
+      out[slot] = ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
+      first_sum[slot] = ws.first_sums.data() + e * JK;
+    };
     int64_t e = 0;
-    if (A == 8)
-      for (; e + 1 < count; e += 2)
-        capsule_votes_pair(weight, u(e), u(e + 1), JK, out(e), out(e + 1), first_sum(e), first_sum(e + 1));
+    for (; A == 8 && e + 1 < count; e += 2) {
+      point_at(0, e);
+      point_at(1, e + 1);
+      capsule_votes<8, 2>(weight, u, A, JK, out, first_sum);
+    }
     for (; e < count; ++e) {
+      point_at(0, e);
       if (A == 8)
-        capsule_votes<8>(weight, u(e), A, JK, out(e), first_sum(e));
+        capsule_votes<8, 1>(weight, u, A, JK, out, first_sum);
       else
-        capsule_votes<0>(weight, u(e), A, JK, out(e), first_sum(e));
+        capsule_votes<0, 1>(weight, u, A, JK, out, first_sum);
     }
   }
 }
