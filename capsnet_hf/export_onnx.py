@@ -36,19 +36,26 @@ def _whole_batch(on_cpu: bool, checkpointing: bool) -> None:
 @contextlib.contextmanager
 def exportable_routing(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, every class-capsule layer of `model` routes the whole batch at once with the torch
-    formulation: on CPU it splits a batch into chunks whose count depends on the batch size, which a graph with a
-    dynamic batch cannot hold, and the CPU routing kernel is an op ONNX has no translation for."""
+    formulation, and every primary-capsule layer squashes with torch ops: on CPU routing splits a batch into chunks
+    whose count depends on the batch size, which a graph with a dynamic batch cannot hold, and the CPU routing
+    kernel's ops have no ONNX translation."""
     layers = [module for module in model.modules() if hasattr(module, "examples_per_chunk")]
     kernels = [layer.routing_kernel for layer in layers]
+    primary_layers = [module for module in model.modules() if hasattr(module, "squash_kernel")]
+    squash_kernels = [layer.squash_kernel for layer in primary_layers]
     try:
         for layer in layers:
             layer.routing_kernel = None
             layer.examples_per_chunk = _whole_batch  # the instance's, over the class's method
+        for layer in primary_layers:
+            layer.squash_kernel = None
         yield model
     finally:
         for layer, kernel in zip(layers, kernels, strict=True):
             layer.routing_kernel = kernel
             del layer.examples_per_chunk
+        for layer, kernel in zip(primary_layers, squash_kernels, strict=True):
+            layer.squash_kernel = kernel
 
 
 def example_pixel_values(config: Any, batch_size: int = 2, seed: int = 0) -> torch.Tensor:

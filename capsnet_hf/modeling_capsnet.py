@@ -289,6 +289,9 @@ class CapsNetPrimaryCapsules(nn.Module):
     As in the official code (which routes them once with all-zero logits), the conv output is multiplied by the
     softmax weight 1/N (1/(N+1) with leaky routing) before the unscaled bias [N, A] is added.
     [B, C1, H1, W1] -> [B, N*H*W, A], flattened type-major: i = type*H*W + y*W + x.
+
+    Everything after the conv is done by the `squash_kernel` when one is attached and `supports(conv output)` (None
+    by default; `capsnet_hf.enable_cpu_routing_kernel` attaches the compiled CPU kernel), else by torch ops.
     """
 
     def __init__(self, config: CapsNetConfig):
@@ -306,9 +309,13 @@ class CapsNetPrimaryCapsules(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(self.num_types, self.capsule_dim))
         self.routing_scale = 1.0 / (self.num_types + int(config.leaky_routing))
+        self.squash_kernel = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.conv(features) * self.routing_scale
+        hidden_states = self.conv(features)
+        if self.squash_kernel is not None and self.squash_kernel.supports(hidden_states):
+            return self.squash_kernel(self, hidden_states)
+        hidden_states = hidden_states * self.routing_scale
         batch_size, _, height, width = hidden_states.shape
         hidden_states = hidden_states.view(batch_size, self.num_types, self.capsule_dim, height, width)
         hidden_states = hidden_states + self.bias[None, :, :, None, None]

@@ -20,6 +20,7 @@ from capsnet_hf import (
 )
 from capsnet_hf.kernels import cpu_routing as cpu_routing_kernel
 from capsnet_hf.kernels.cpu_routing import (
+    CpuPrimaryCapsulesKernel,
     CpuRoutingKernel,
     KernelBuildError,
     cpu_routing_kernel_mode,
@@ -55,12 +56,13 @@ def kernel_calls(monkeypatch):
 def test_inference_uses_kernel_and_matches_torch_path(kernel_calls):
     plain, fast = twin_models(num_ensemble_members=2, use_decoder=False)
     with torch.inference_mode():
-        expected = plain(PIXELS, output_routing_weights=True)
-        actual = fast(PIXELS, output_routing_weights=True)
+        expected = plain(PIXELS, output_routing_weights=True, output_hidden_states=True)
+        actual = fast(PIXELS, output_routing_weights=True, output_hidden_states=True)
     assert kernel_calls == [5, 5]  # one call per ensemble member
-    for name in ("logits", "capsule_poses", "routing_weights"):
+    for name in ("logits", "capsule_poses", "routing_weights", "hidden_states"):
         torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
     disable_cpu_routing_kernel(fast)
+    assert all(member.primary_capsules.squash_kernel is None for member in fast.capsnet.members)
     with torch.no_grad():
         fast(PIXELS)
     assert kernel_calls == [5, 5]
@@ -140,12 +142,12 @@ def test_weight_changed_before_backward_is_an_error():
         loss.backward()
 
 
-def test_other_dtypes_keep_torch_path(kernel_calls):
+def test_other_dtypes_keep_torch_path(kernel_calls, kernel_runs):
     plain, fast = twin_models()
     with torch.no_grad():
         expected = plain.to(torch.float64)(PIXELS.double()).logits
         torch.testing.assert_close(fast.to(torch.float64)(PIXELS.double()).logits, expected)
-    assert kernel_calls == []
+    assert kernel_calls == [] and kernel_runs == []
 
 
 @pytest.fixture
@@ -173,14 +175,19 @@ def test_compiled_model_runs_the_kernel_op(kernel_runs):
     expected_grads = torch.autograd.grad(expected_loss, list(plain.parameters()))
     loss = compiled(PIXELS, labels=labels).loss
     grads = torch.autograd.grad(loss, list(fast.parameters()))
-    assert kernel_runs == ["capsnet_route", "capsnet_route_backward"]
+    assert kernel_runs == [
+        "capsnet_squash_primary",
+        "capsnet_route",
+        "capsnet_route_backward",
+        "capsnet_squash_primary_backward",
+    ]
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     for grad, expected in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
     fast.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(PIXELS).logits, plain(PIXELS).logits, rtol=1e-5, atol=1e-6)
-    assert kernel_runs[2:] == ["capsnet_route"]
+    assert kernel_runs[4:] == ["capsnet_squash_primary", "capsnet_route"]
     torch._dynamo.reset()
 
 
@@ -190,11 +197,12 @@ def test_exported_model_calls_the_kernel_op(kernel_runs):
     exported = torch.export.export(fast.capsnet, (PIXELS,))
     targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
     assert torch.ops.capsnet_hf.route_class_capsules.default in targets
+    assert torch.ops.capsnet_hf.squash_primary_capsules.default in targets
     kernel_runs.clear()
     with torch.no_grad():
         actual = exported.module()(PIXELS).capsule_lengths
         torch.testing.assert_close(actual, plain.capsnet(PIXELS).capsule_lengths, rtol=1e-5, atol=1e-6)
-    assert kernel_runs == ["capsnet_route"]
+    assert kernel_runs == ["capsnet_squash_primary", "capsnet_route"]
 
 
 @pytest.mark.parametrize("leaky, bias, detach_inner_votes", [(True, True, False), (False, False, True)])
@@ -207,6 +215,75 @@ def test_registered_op_passes_torch_opcheck(leaky, bias, detach_inner_votes):
     library = CpuRoutingKernel().library_path
     arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, library)
     torch.library.opcheck(torch.ops.capsnet_hf.route_class_capsules.default, arguments)
+
+
+def primary_layer_twins(**overrides):
+    """A primary-capsule layer and a copy with the kernel's squash."""
+    torch.manual_seed(0)
+    plain = CapsNetModel(small_config(**overrides)).members[0].primary_capsules
+    fast = copy.deepcopy(plain)
+    fast.squash_kernel = CpuPrimaryCapsulesKernel()
+    return plain, fast
+
+
+@pytest.mark.parametrize("magnitude", [0.0, 1.0, 1e30])
+def test_primary_capsules_squash_matches_torch_path(magnitude):
+    """Outputs and gradients (features, conv weight, bias), also where |s|^2 leaves float32's range (the torch path
+    scales by a power of two, the kernel sums in double) and at s = 0 (the gradient stays finite)."""
+    plain, fast = primary_layer_twins()
+    features = (magnitude * torch.randn(3, 8, 9, 9, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    grad_output = torch.randn(plain(features).shape, generator=torch.Generator().manual_seed(2))
+    assert grad_output.shape[1] > plain.num_types  # several positions per capsule type
+    results = []
+    for layer in (plain, fast):
+        features.grad = None
+        capsules = layer(features)
+        capsules.backward(grad_output)
+        results.append((capsules, features.grad, layer.conv.weight.grad, layer.bias.grad))
+    for actual, expected in zip(results[1], results[0], strict=True):
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_primary_capsules_squash_under_bf16_autocast(kernel_runs):
+    """The bf16 conv output is squashed in float32, as the torch path does; gradients reach the bf16 conv."""
+    plain, fast = primary_layer_twins()
+    features = torch.rand(2, 8, 9, 9, generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for layer in (plain, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            capsules = layer(features)
+        capsules.square().sum().backward()
+        outputs.append((capsules, layer.conv.weight.grad, layer.bias.grad))
+    assert kernel_runs == ["capsnet_squash_primary", "capsnet_squash_primary_backward"]
+    assert outputs[1][0].dtype == torch.float32
+    for actual, expected in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-3)
+
+
+def test_primary_capsules_op_passes_torch_opcheck():
+    generator = torch.Generator().manual_seed(0)
+    conv = torch.randn(2, 3 * 4, 2, 3, generator=generator).requires_grad_()
+    bias = torch.randn(3, 4, generator=generator).requires_grad_()
+    library = CpuPrimaryCapsulesKernel().library_path
+    for bias_ in (bias, None):
+        arguments = (conv, bias_, 3, 0.1, 1e-9, library)
+        torch.library.opcheck(torch.ops.capsnet_hf.squash_primary_capsules.default, arguments)
+
+
+def test_primary_capsules_op_refuses_what_does_not_fit():
+    library = CpuPrimaryCapsulesKernel().library_path
+    conv, bias = torch.rand(2, 12, 2, 2), torch.rand(3, 4)
+    mismatches = {
+        "takes a float32 CPU conv output": (conv.double(), bias, 3),
+        r"conv output \[B, 5 \* A, H, W\]": (conv, bias, 5),
+        r"bias torch.float32 \(4, 3\) is not float32 \[N, A\]": (conv, bias.T, 3),
+    }
+    for message, (conv_, bias_, types) in mismatches.items():
+        with pytest.raises(ValueError, match=message):
+            torch.ops.capsnet_hf.squash_primary_capsules(conv_, bias_, types, 0.1, 1e-9, library)
+    with pytest.raises(ValueError, match="gradient .* does not fit the outputs"):
+        torch.ops.capsnet_hf.squash_primary_capsules_backward(conv, bias, torch.rand(2, 4, 4), 3, 0.1, 1e-9, library)
 
 
 def test_empty_batch_trains_to_zero_gradients():
@@ -227,6 +304,11 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
     checks what the C side cannot see (dtypes, devices, shapes that do not fit)."""
     library = load_kernel_library()
     assert library.capsnet_route(None) == b"no arguments"
+    assert library.capsnet_squash_primary(None) == b"no arguments"
+    no_positions = cpu_routing_kernel.PrimaryCall(batch=1, types=2, capsule_dim=3)
+    assert library.capsnet_squash_primary_backward(no_positions) == (
+        b"the capsule types, their dimension and the positions must be positive"
+    )
     assert library.capsnet_route_backward(cpu_routing_kernel.RoutingCall()) == b"there are no input capsules"
     path = CpuRoutingKernel().library_path
     capsules, weight = torch.rand(2, 10, 4), torch.rand(10, 3, 5, 4)
@@ -257,14 +339,22 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
 def test_argument_struct_layouts_must_agree():
     """The ctypes mirror of the C argument struct is checked against the built library's layout when it is loaded."""
     library = load_kernel_library()
-    cpu_routing_kernel.check_call_layout(library, cpu_routing_kernel.RoutingCall)
+    for structure in (cpu_routing_kernel.RoutingCall, cpu_routing_kernel.PrimaryCall):
+        cpu_routing_kernel.check_call_layout(library, structure)
 
-    class Reordered(ctypes.Structure):
-        _fields_ = [cpu_routing_kernel.RoutingCall._fields_[1], cpu_routing_kernel.RoutingCall._fields_[0]]
-        _fields_ += cpu_routing_kernel.RoutingCall._fields_[2:]
+        class Reordered(ctypes.Structure):
+            c_name = structure.c_name
+            _fields_ = [structure._fields_[1], structure._fields_[0], *structure._fields_[2:]]
 
-    with pytest.raises(KernelBuildError, match="takes another argument layout than Reordered describes"):
-        cpu_routing_kernel.check_call_layout(library, Reordered)
+        with pytest.raises(KernelBuildError, match="takes another argument layout than Reordered describes"):
+            cpu_routing_kernel.check_call_layout(library, Reordered)
+
+    class Unknown(ctypes.Structure):
+        c_name = "CapsnetUnknownCall"
+        _fields_ = cpu_routing_kernel.PrimaryCall._fields_
+
+    with pytest.raises(KernelBuildError, match="C: no such struct"):
+        cpu_routing_kernel.check_call_layout(library, Unknown)
 
 
 def test_changed_weights_are_repacked():
@@ -309,10 +399,12 @@ def test_copies_pickles_and_saved_models(tmp_path):
         unpickled = torch.load(buffer, weights_only=False)
         for model in (copied, unpickled):
             assert model.capsnet.members[0].class_capsules.routing_kernel is not None
+            assert model.capsnet.members[0].primary_capsules.squash_kernel is not None
             torch.testing.assert_close(model(PIXELS).logits, expected, rtol=1e-5, atol=1e-6)
     fast.save_pretrained(tmp_path)  # the kernel is not part of the model's files
     reloaded = CapsNetForImageClassification.from_pretrained(tmp_path)
     assert reloaded.capsnet.members[0].class_capsules.routing_kernel is None
+    assert reloaded.capsnet.members[0].primary_capsules.squash_kernel is None
 
 
 def test_capsules_that_do_not_fit_the_weight_are_refused():

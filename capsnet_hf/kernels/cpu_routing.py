@@ -54,8 +54,10 @@ class KernelBuildError(RuntimeError):
 
 
 class RoutingCall(ctypes.Structure):
-    """`CapsnetRoutingCall` of csrc/capsule_routing.cpp, field by field: the one argument of both entry points."""
+    """`CapsnetRoutingCall` of csrc/capsule_routing.cpp, field by field: the one argument of both routing entry
+    points."""
 
+    c_name = "CapsnetRoutingCall"
     _fields_ = [
         *((name, ctypes.c_void_p) for name in ("inputs", "packed_inputs", "weight", "bias", "poses", "coupling")),
         *((name, ctypes.c_void_p) for name in ("grad_poses", "grad_coupling", "grad_inputs", "grad_weight")),
@@ -63,6 +65,20 @@ class RoutingCall(ctypes.Structure):
         *((name, ctypes.c_int64) for name in ("batch", "inputs_per_example", "input_dim", "parents", "pose_dim")),
         *((name, ctypes.c_int64) for name in ("padded_inputs", "iterations", "examples_per_block")),
         *((name, ctypes.c_int32) for name in ("leaky", "detach_inner_votes", "threads")),
+        ("epsilon", ctypes.c_float),
+    ]
+
+
+class PrimaryCall(ctypes.Structure):
+    """`CapsnetPrimaryCall` of csrc/capsule_routing.cpp: the argument of the primary capsules' squash, forward and
+    backward."""
+
+    c_name = "CapsnetPrimaryCall"
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("conv", "bias", "capsules", "grad_capsules", "grad_conv", "grad_bias")),
+        *((name, ctypes.c_int64) for name in ("batch", "types", "capsule_dim", "positions")),
+        ("threads", ctypes.c_int32),
+        ("scale", ctypes.c_float),
         ("epsilon", ctypes.c_float),
     ]
 
@@ -144,24 +160,36 @@ def load_kernel_library(cache_dir: str | None = None) -> ctypes.CDLL:
 
 @functools.cache
 def _open_library(path: str) -> ctypes.CDLL:
-    """The built kernel at `path`, its entry points typed, its argument layout checked against `RoutingCall`."""
+    """The built kernel at `path`, its entry points typed, its argument layouts checked against `RoutingCall` and
+    `PrimaryCall`."""
     try:
         library = ctypes.CDLL(path)
     except OSError as error:
         raise KernelBuildError(f"cannot load the CPU routing kernel {path} ({error}); delete it to rebuild") from error
-    for entry in (library.capsnet_route, library.capsnet_route_backward):
-        entry.argtypes = [ctypes.POINTER(RoutingCall)]
-        entry.restype = ctypes.c_char_p  # null, or why the call was refused
+    try:
+        entries = {
+            RoutingCall: (library.capsnet_route, library.capsnet_route_backward),
+            PrimaryCall: (library.capsnet_squash_primary, library.capsnet_squash_primary_backward),
+        }
+    except AttributeError as error:
+        raise KernelBuildError(f"the CPU routing kernel {path} lacks an entry point ({error}); delete it") from error
+    for structure, functions in entries.items():
+        for entry in functions:
+            entry.argtypes = [ctypes.POINTER(structure)]
+            entry.restype = ctypes.c_char_p  # null, or why the call was refused
+    library.capsnet_call_layout.argtypes = [ctypes.c_char_p]
     library.capsnet_call_layout.restype = ctypes.c_char_p
     library.capsnet_lanes.restype = ctypes.c_int
     library.capsnet_threaded.restype = ctypes.c_int
-    check_call_layout(library, RoutingCall)
+    for structure in entries:
+        check_call_layout(library, structure)
     return library
 
 
 def check_call_layout(library: ctypes.CDLL, structure: type[ctypes.Structure]) -> None:
-    """Raise `KernelBuildError` unless `structure` lays out its fields as the library's C struct does."""
-    built = library.capsnet_call_layout().decode()
+    """Raise `KernelBuildError` unless `structure` lays out its fields as the library's C struct `structure.c_name`
+    does."""
+    built = (library.capsnet_call_layout(structure.c_name.encode()) or b"no such struct").decode()
     # "name:offset:size;" per field, then "size:<total>", as the C side writes it
     fields = [
         f"{name}:{getattr(structure, name).offset}:{getattr(structure, name).size};" for name, *_ in structure._fields_
@@ -240,14 +268,19 @@ def _routing_call(
     )
 
 
-def _run(entry: ctypes._CFuncPtr, call: RoutingCall) -> None:
+def _run(entry: ctypes._CFuncPtr, call: RoutingCall | PrimaryCall) -> None:
     """Call a C entry point; its refusal (sizes it cannot route, out of memory) becomes a RuntimeError."""
     refusal = entry(ctypes.byref(call))
     if refusal is not None:
+        if isinstance(call, PrimaryCall):
+            sizes = f"{call.types} x {call.capsule_dim} primary capsules at {call.positions} positions"
+        else:
+            sizes = (
+                f"{call.inputs_per_example} x {call.input_dim} input capsules, {call.parents} x {call.pose_dim} "
+                f"class capsules, {call.iterations} iterations"
+            )
         raise RuntimeError(
-            f"the CPU routing kernel refused the call: {refusal.decode()} (batch {call.batch}, "
-            f"{call.inputs_per_example} x {call.input_dim} input capsules, {call.parents} x {call.pose_dim} class "
-            f"capsules, {call.iterations} iterations)"
+            f"the CPU routing kernel refused the call: {refusal.decode()} (batch {call.batch}, {sizes})"
         )
 
 
@@ -365,6 +398,93 @@ def _backward(ctx, grad_poses: Tensor, grad_coupling: Tensor):
 route_class_capsules.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _primary_call(conv: Tensor, bias: Tensor | None, types: int, scale: float, epsilon: float) -> PrimaryCall:
+    """The fields both primary-capsule entry points share, for the conv output [B, N * A, H, W] (a ValueError if
+    it is not float32 on the CPU or does not split into `types` capsule types, or the bias is not [N, A])."""
+    if conv.dtype != torch.float32 or conv.device.type != "cpu" or conv.dim() != 4 or conv.shape[1] % types:
+        raise ValueError(
+            f"the primary capsules' kernel takes a float32 CPU conv output [B, {types} * A, H, W], got "
+            f"{conv.dtype} {tuple(conv.shape)} on {conv.device}"
+        )
+    batch_size, channels, height, width = conv.shape
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (types, channels // types)):
+        raise ValueError(f"the primary capsules' bias {bias.dtype} {tuple(bias.shape)} is not float32 [N, A]")
+    return PrimaryCall(
+        conv=conv.data_ptr(),
+        bias=None if bias is None else bias.data_ptr(),
+        batch=batch_size,
+        types=types,
+        capsule_dim=channels // types,
+        positions=height * width,
+        threads=torch.get_num_threads(),
+        scale=scale,
+        epsilon=epsilon,
+    )
+
+
+@torch.library.custom_op("capsnet_hf::squash_primary_capsules", mutates_args=())
+def squash_primary_capsules(
+    conv: Tensor, bias: Tensor | None, types: int, scale: float, epsilon: float, library: str
+) -> Tensor:
+    """Primary capsules from their convolution's output, as `CapsNetPrimaryCapsules`: conv [B, N * A, H, W] ->
+    u = squash(scale * conv + bias) (Eq. 1) [B, N * H * W, A], flattened type-major."""
+    kernel = _open_library(library)
+    conv = conv.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    call = _primary_call(conv, bias, types, scale, epsilon)
+    capsules = conv.new_empty(call.batch, types * call.positions, call.capsule_dim)
+    call.capsules = capsules.data_ptr()
+    _run(kernel.capsnet_squash_primary, call)
+    return capsules
+
+
+@squash_primary_capsules.register_fake
+def _(conv, bias, types, scale, epsilon, library):
+    batch_size, channels, height, width = conv.shape
+    return conv.new_empty(batch_size, types * height * width, channels // types)
+
+
+@torch.library.custom_op("capsnet_hf::squash_primary_capsules_backward", mutates_args=())
+def squash_primary_capsules_backward(
+    conv: Tensor, bias: Tensor | None, grad_capsules: Tensor, types: int, scale: float, epsilon: float, library: str
+) -> tuple[Tensor, Tensor]:
+    """Gradients of `squash_primary_capsules` w.r.t. the conv output and the bias (zeros [N, A] without one)."""
+    kernel = _open_library(library)
+    conv = conv.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    call = _primary_call(conv, bias, types, scale, epsilon)
+    expected = (call.batch, types * call.positions, call.capsule_dim)
+    if tuple(grad_capsules.shape) != expected:
+        raise ValueError(f"the capsules' gradient {tuple(grad_capsules.shape)} does not fit the outputs {expected}")
+    grad_capsules = grad_capsules.float().contiguous()
+    grad_conv = torch.empty_like(conv)
+    grad_bias = conv.new_zeros(call.batch, types, call.capsule_dim)  # per example; left zero without a bias
+    call.grad_capsules, call.grad_conv = grad_capsules.data_ptr(), grad_conv.data_ptr()
+    call.grad_bias = None if bias is None else grad_bias.data_ptr()
+    _run(kernel.capsnet_squash_primary_backward, call)
+    return grad_conv, grad_bias.sum(0)
+
+
+@squash_primary_capsules_backward.register_fake
+def _(conv, bias, grad_capsules, types, scale, epsilon, library):
+    return torch.empty_like(conv), conv.new_empty(types, conv.shape[1] // types)
+
+
+def _setup_primary_context(ctx, inputs, output) -> None:
+    conv, bias, *settings = inputs
+    ctx.save_for_backward(conv, bias)
+    ctx.settings = settings
+
+
+def _primary_backward(ctx, grad_capsules: Tensor):
+    conv, bias = ctx.saved_tensors
+    grad_conv, grad_bias = squash_primary_capsules_backward(conv, bias, grad_capsules, *ctx.settings)
+    return grad_conv, None if bias is None else grad_bias, None, None, None, None
+
+
+squash_primary_capsules.register_autograd(_primary_backward, setup_context=_setup_primary_context)
+
+
 class CpuRoutingKernel:
     """What `enable_cpu_routing_kernel` sets as a class-capsule layer's `routing_kernel`: the layer routes the inputs
     the kernel `supports` with it, (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings [B, J, I].
@@ -400,6 +520,30 @@ class CpuRoutingKernel:
         )
 
 
+class CpuPrimaryCapsulesKernel:
+    """What `enable_cpu_routing_kernel` sets as a primary-capsule layer's `squash_kernel`: (layer, its conv output
+    [B, N * A, H, W]) -> primary capsules [B, N * H * W, A] in one pass, where the torch path runs about twenty
+    elementwise ops forward and backward (docs/performance.md). Float32 conv outputs, and bf16/fp16 ones under
+    autocast: like the torch path's squash it computes in float32."""
+
+    def __init__(self, cache_dir: str | None = None):
+        self.library_path = load_kernel_library(cache_dir)._name
+
+    @staticmethod
+    def supports(conv_output: Tensor) -> bool:
+        return conv_output.device.type == "cpu" and conv_output.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+    def __call__(self, layer: nn.Module, conv_output: Tensor) -> Tensor:
+        return squash_primary_capsules(
+            conv_output.float(),
+            layer.bias.float(),
+            layer.num_types,
+            layer.routing_scale,
+            layer.epsilon,
+            self.library_path,
+        )
+
+
 def _class_capsule_layers(model: nn.Module, required: bool = True) -> list[nn.Module]:
     layers = [module for module in model.modules() if hasattr(module, "routing_kernel")]
     if required and not layers:
@@ -407,21 +551,31 @@ def _class_capsule_layers(model: nn.Module, required: bool = True) -> list[nn.Mo
     return layers
 
 
+def _primary_capsule_layers(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if hasattr(module, "squash_kernel")]
+
+
 def enable_cpu_routing_kernel(model: nn.Module, cache_dir: str | None = None) -> nn.Module:
-    """Build the kernel if needed and use it in every class-capsule layer of `model` (a CapsNet model); returns it.
+    """Build the kernel if needed and use it in every class-capsule layer of `model` (a CapsNet model), and for the
+    squash of every primary-capsule layer; returns the model.
 
     Raises `KernelBuildError` if it cannot be built (no C++ compiler, ...); the model is then left unchanged.
     """
     layers = _class_capsule_layers(model)
+    routing, primary = CpuRoutingKernel(cache_dir), CpuPrimaryCapsulesKernel(cache_dir)
     for layer in layers:
-        layer.routing_kernel = CpuRoutingKernel(cache_dir)
+        layer.routing_kernel = routing
+    for layer in _primary_capsule_layers(model):
+        layer.squash_kernel = primary
     return model
 
 
 def disable_cpu_routing_kernel(model: nn.Module) -> nn.Module:
-    """Back to the torch formulation in every class-capsule layer of `model`; returns it."""
+    """Back to the torch formulation in every class- and primary-capsule layer of `model`; returns it."""
     for layer in _class_capsule_layers(model):
         layer.routing_kernel = None
+    for layer in _primary_capsule_layers(model):
+        layer.squash_kernel = None
     return model
 
 

@@ -1,8 +1,9 @@
-// Class capsules on the CPU: votes (Eq. 2) and routing-by-agreement (Procedure 1), forward and backward.
+// Capsule layers on the CPU, forward and backward: the class capsules' votes (Eq. 2) and routing-by-agreement
+// (Procedure 1), and the primary capsules' squash after their convolution (at the end of this file).
 //
 // Built and loaded by capsnet_hf/kernels/cpu_routing.py (plain C ABI through ctypes, no torch headers): each entry
-// point takes one CapsnetRoutingCall, mirrored field by field by a ctypes.Structure there and checked against
-// capsnet_call_layout() when the library is loaded, and returns null or a one-line error (it validates the sizes
+// point takes one argument struct (CapsnetRoutingCall or CapsnetPrimaryCall), mirrored field by field by a
+// ctypes.Structure there and checked against capsnet_call_layout() when the library is loaded, and returns null or a one-line error (it validates the sizes
 // itself and never lets a C++ exception escape). The torch formulation writes the votes of a batch to memory and
 // streams them 2 x iterations - 1 times; here each thread computes the votes of a block of examples (two per sweep
 // over the weight) into its own buffer, laid out so that L input capsules fill one vector register, and then routes
@@ -529,6 +530,112 @@ const char* invalid_call(const Problem* p, bool backward) {
 
 }  // namespace
 
+// The primary capsules' arguments (B = batch, N = types, A = capsule_dim, M = positions, the conv grid's H * W).
+struct CapsnetPrimaryCall {
+  const float* conv;           // [B, N * A, M]: the primary convolution's output, without bias
+  const float* bias;           // [N, A] or null
+  float* capsules;             // [B, N * M, A]: u = squash(scale * conv + bias) (Eq. 1), type-major: i = n * M + m
+  const float* grad_capsules;  // [B, N * M, A]
+  float* grad_conv;            // [B, N * A, M]
+  float* grad_bias;            // [B, N, A]: each example's share, or null
+  int64_t batch, types, capsule_dim, positions;
+  int32_t threads;
+  float scale, epsilon;
+};
+
+namespace {
+
+// One capsule type of one example (a group: M capsules of dimension A) at a time, in loops over the M positions
+// that the compiler vectorises: s [A, M] = scale * conv + bias (float, rounded as the torch path rounds it), then
+// |s|^2 per position in double, which no float32 input overflows (the torch path scales by a power of two instead).
+struct PrimaryGroup {
+  explicit PrimaryGroup(const CapsnetPrimaryCall& p)
+      : A(p.capsule_dim), M(p.positions), s(A * M), g(A * M), squared_norm(M), radial(M) {}
+
+  void load(const CapsnetPrimaryCall& p, int64_t group) {
+    const int64_t n = group % p.types;
+    for (int64_t a = 0; a < A; ++a) {
+      const float* conv = p.conv + (group * A + a) * M;
+      const float bias = p.bias ? p.bias[n * A + a] : 0.0f;
+      for (int64_t m = 0; m < M; ++m) s[a * M + m] = conv[m] * p.scale + bias;
+    }
+    std::fill(squared_norm.begin(), squared_norm.end(), 0.0);
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t m = 0; m < M; ++m) squared_norm[m] += static_cast<double>(s[a * M + m]) * s[a * M + m];
+  }
+
+  const int64_t A, M;
+  std::vector<float> s, g;                   // [A, M]: preactivations, and the capsules' gradient transposed
+  std::vector<double> squared_norm, radial;  // [M]
+};
+
+// Eq. 1, v = f(n) s with n = |s|^2 and f(n) = n / ((1 + n) sqrt(n + eps)), for groups first, first + stride, ...
+void squash_primary_groups(const CapsnetPrimaryCall& p, int64_t first, int64_t stride) {
+  PrimaryGroup work(p);
+  const int64_t A = work.A, M = work.M;
+  std::vector<double> factor(M);
+  for (int64_t group = first; group < p.batch * p.types; group += stride) {
+    work.load(p, group);
+    for (int64_t m = 0; m < M; ++m) {
+      const double n = work.squared_norm[m];
+      factor[m] = n / ((1.0 + n) * std::sqrt(n + p.epsilon));
+    }
+    float* capsules = p.capsules + group * M * A;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t a = 0; a < A; ++a) capsules[m * A + a] = static_cast<float>(work.s[a * M + m] * factor[m]);
+  }
+}
+
+// dL/dconv and each example's dL/dbias from dL/du, as squash_backward above (in double).
+void squash_primary_groups_backward(const CapsnetPrimaryCall& p, int64_t first, int64_t stride) {
+  PrimaryGroup work(p);
+  const int64_t A = work.A, M = work.M;
+  std::vector<double> along_grad(M), along_s(M);
+  for (int64_t group = first; group < p.batch * p.types; group += stride) {
+    work.load(p, group);
+    const float* grad_capsules = p.grad_capsules + group * M * A;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t a = 0; a < A; ++a) work.g[a * M + m] = grad_capsules[m * A + a];
+    std::fill(work.radial.begin(), work.radial.end(), 0.0);
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t m = 0; m < M; ++m) work.radial[m] += static_cast<double>(work.g[a * M + m]) * work.s[a * M + m];
+    // dL/ds = f(n) dL/dv + 2 f'(n) (dL/dv . s) s = along_grad dL/dv + along_s s
+    for (int64_t m = 0; m < M; ++m) {
+      const double n = work.squared_norm[m];
+      const double inverse = 1.0 / ((1.0 + n) * std::sqrt(n + p.epsilon));
+      along_grad[m] = n * inverse;
+      along_s[m] = 2.0 * inverse * (1.0 / (1.0 + n) - 0.5 * n / (n + p.epsilon)) * work.radial[m];
+    }
+    float* grad_bias = p.grad_bias ? p.grad_bias + group * A : nullptr;
+    for (int64_t a = 0; a < A; ++a) {
+      float* grad_conv = p.grad_conv + (group * A + a) * M;
+      double bias_sum = 0.0;
+      for (int64_t m = 0; m < M; ++m) {
+        const double grad_s = along_grad[m] * work.g[a * M + m] + along_s[m] * work.s[a * M + m];
+        grad_conv[m] = static_cast<float>(grad_s * p.scale);
+        bias_sum += grad_s;
+      }
+      if (grad_bias) grad_bias[a] = static_cast<float>(bias_sum);
+    }
+  }
+}
+
+const char* invalid_primary_call(const CapsnetPrimaryCall* p, bool backward) {
+  if (!p) return "no arguments";
+  if (p->batch < 0) return "the batch size is negative";
+  if (p->types < 1 || p->capsule_dim < 1 || p->positions < 1)
+    return "the capsule types, their dimension and the positions must be positive";
+  if (p->threads < 1) return "threads must be positive";
+  if (!(p->epsilon >= 0.0f)) return "epsilon must be zero or positive";
+  if (p->batch > 0 && !p->conv) return "the convolution's output is missing";
+  if (p->batch > 0 && !backward && !p->capsules) return "the capsules' buffer is missing";
+  if (p->batch > 0 && backward && (!p->grad_capsules || !p->grad_conv))
+    return "a gradient buffer is missing";
+  return nullptr;
+}
+
+}  // namespace
+
 extern "C" int capsnet_lanes() { return kLanes; }
 
 extern "C" int capsnet_threaded() {
@@ -539,23 +646,31 @@ extern "C" int capsnet_threaded() {
 #endif
 }
 
-// "name:offset:size" of every field of CapsnetRoutingCall, then "size:<sizeof>": the loader compares it with its
-// ctypes mirror, so that the two cannot drift apart silently.
-extern "C" const char* capsnet_call_layout() {
-#define CAPSNET_FIELD(name) \
-  #name ":" + std::to_string(offsetof(CapsnetRoutingCall, name)) + ":" + std::to_string(sizeof(CapsnetRoutingCall::name)) + ";"
-  static const std::string layout =
-      std::string() + CAPSNET_FIELD(inputs) + CAPSNET_FIELD(packed_inputs) + CAPSNET_FIELD(weight) +
-      CAPSNET_FIELD(bias) + CAPSNET_FIELD(poses) + CAPSNET_FIELD(coupling) + CAPSNET_FIELD(grad_poses) +
-      CAPSNET_FIELD(grad_coupling) + CAPSNET_FIELD(grad_inputs) + CAPSNET_FIELD(grad_weight) +
-      CAPSNET_FIELD(grad_bias) + CAPSNET_FIELD(left) + CAPSNET_FIELD(right) + CAPSNET_FIELD(batch) +
-      CAPSNET_FIELD(inputs_per_example) + CAPSNET_FIELD(input_dim) + CAPSNET_FIELD(parents) +
-      CAPSNET_FIELD(pose_dim) + CAPSNET_FIELD(padded_inputs) + CAPSNET_FIELD(iterations) +
-      CAPSNET_FIELD(examples_per_block) + CAPSNET_FIELD(leaky) + CAPSNET_FIELD(detach_inner_votes) +
-      CAPSNET_FIELD(threads) + CAPSNET_FIELD(epsilon) + "size:" + std::to_string(sizeof(CapsnetRoutingCall));
-#undef CAPSNET_FIELD
-  return layout.c_str();
+// "name:offset:size" of every field of an argument struct, then "size:<sizeof>": the loader compares it with its
+// ctypes mirror, so that the two cannot drift apart silently. Null for an unknown struct name.
+#define CAPSNET_FIELD(type, name) \
+  #name ":" + std::to_string(offsetof(type, name)) + ":" + std::to_string(sizeof(type::name)) + ";"
+extern "C" const char* capsnet_call_layout(const char* struct_name) {
+#define F(name) CAPSNET_FIELD(CapsnetRoutingCall, name)
+  static const std::string routing =
+      std::string() + F(inputs) + F(packed_inputs) + F(weight) + F(bias) + F(poses) + F(coupling) + F(grad_poses) +
+      F(grad_coupling) + F(grad_inputs) + F(grad_weight) + F(grad_bias) + F(left) + F(right) + F(batch) +
+      F(inputs_per_example) + F(input_dim) + F(parents) + F(pose_dim) + F(padded_inputs) + F(iterations) +
+      F(examples_per_block) + F(leaky) + F(detach_inner_votes) + F(threads) + F(epsilon) +
+      "size:" + std::to_string(sizeof(CapsnetRoutingCall));
+#undef F
+#define F(name) CAPSNET_FIELD(CapsnetPrimaryCall, name)
+  static const std::string primary =
+      std::string() + F(conv) + F(bias) + F(capsules) + F(grad_capsules) + F(grad_conv) + F(grad_bias) + F(batch) +
+      F(types) + F(capsule_dim) + F(positions) + F(threads) + F(scale) + F(epsilon) +
+      "size:" + std::to_string(sizeof(CapsnetPrimaryCall));
+#undef F
+  const std::string name = struct_name ? struct_name : "";
+  if (name == "CapsnetRoutingCall") return routing.c_str();
+  if (name == "CapsnetPrimaryCall") return primary.c_str();
+  return nullptr;
 }
+#undef CAPSNET_FIELD
 
 // Poses and last couplings of a batch (inputs, weight, bias -> poses, coupling). Null, or why it did not run.
 extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
@@ -574,4 +689,18 @@ extern "C" const char* capsnet_route_backward(const CapsnetRoutingCall* call) {
     return error;
   return run_parallel(call->threads,
                       [&](int thread, int count) { input_and_weight_gradients(*call, thread, count); });
+}
+
+// The primary capsules u [B, N * M, A] from the convolution's output (conv, bias -> capsules). Null, or why not.
+extern "C" const char* capsnet_squash_primary(const CapsnetPrimaryCall* call) {
+  if (const char* error = invalid_primary_call(call, false)) return error;
+  return run_parallel(call->threads, [&](int thread, int count) { squash_primary_groups(*call, thread, count); });
+}
+
+// Gradients of capsnet_squash_primary's capsules (grad_capsules) w.r.t. conv and, if grad_bias is set, the bias (per
+// example). Null, or why it did not run.
+extern "C" const char* capsnet_squash_primary_backward(const CapsnetPrimaryCall* call) {
+  if (const char* error = invalid_primary_call(call, true)) return error;
+  return run_parallel(call->threads,
+                      [&](int thread, int count) { squash_primary_groups_backward(*call, thread, count); });
 }
