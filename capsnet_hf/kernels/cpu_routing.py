@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,8 @@ class RoutingCall(ctypes.Structure):
 
     c_name = "CapsnetRoutingCall"
     _fields_ = [
-        *((name, ctypes.c_void_p) for name in ("inputs", "packed_inputs", "weight", "bias", "poses", "coupling")),
+        *((name, ctypes.c_void_p) for name in ("inputs", "packed_inputs", "weight", "packed_weight", "bias")),
+        *((name, ctypes.c_void_p) for name in ("poses", "coupling")),
         *((name, ctypes.c_void_p) for name in ("grad_poses", "grad_coupling", "grad_inputs", "grad_weight")),
         *((name, ctypes.c_void_p) for name in ("grad_bias", "left", "right")),
         *((name, ctypes.c_int64) for name in ("batch", "inputs_per_example", "input_dim", "parents", "pose_dim")),
@@ -207,14 +207,10 @@ def _padded(num_inputs: int, lanes: int) -> int:
     return -(-num_inputs // lanes) * lanes
 
 
-def _pack_weight(weight: Tensor, lanes: int) -> Tensor:
-    """W [I, J, K, A] -> [P / L, J, K, A, L]: L input capsules side by side, I padded to P with zeros."""
+def _packed_weight_buffer(weight: Tensor, lanes: int) -> Tensor:
+    """Scratch for W [I, J, K, A] re-laid out as [P / L, J, K, A, L], which the kernel fills on every call."""
     num_inputs, num_classes, capsule_dim, input_dim = weight.shape
-    padded = _padded(num_inputs, lanes)
-    if padded != num_inputs:  # F.pad copies even when it pads nothing
-        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - num_inputs))
-    packed = weight.reshape(padded // lanes, lanes, num_classes, capsule_dim, input_dim)
-    return packed.permute(0, 2, 3, 4, 1).contiguous()
+    return weight.new_empty(_padded(num_inputs, lanes) // lanes, num_classes, capsule_dim, input_dim, lanes)
 
 
 def _checked_operands(primary_capsules: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
@@ -245,12 +241,13 @@ def _routing_call(
     lanes: int,
 ) -> RoutingCall:
     """The fields both entry points share, for capsules [B, I, A] and the weight [I, J, K, A]; the caller sets the
-    weight (packed) and the other buffers."""
+    packed weight's and the other buffers."""
     batch_size, num_inputs, input_dim = inputs.shape
     _, num_classes, capsule_dim, _ = weight.shape
     threads = torch.get_num_threads()
     return RoutingCall(
         inputs=inputs.data_ptr(),
+        weight=weight.data_ptr(),
         bias=None if bias is None else bias.data_ptr(),
         batch=batch_size,
         inputs_per_example=num_inputs,
@@ -303,11 +300,11 @@ def route_class_capsules(
     batch_size, num_inputs, _ = inputs.shape
     _, num_classes, capsule_dim, _ = weight.shape
     lanes = kernel.capsnet_lanes()
-    packed_weight = _pack_weight(weight, lanes)
+    packed_weight = _packed_weight_buffer(weight, lanes)
     poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
     coupling = inputs.new_empty(batch_size, num_classes, num_inputs)
     call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, lanes)
-    call.weight, call.poses, call.coupling = packed_weight.data_ptr(), poses.data_ptr(), coupling.data_ptr()
+    call.packed_weight, call.poses, call.coupling = packed_weight.data_ptr(), poses.data_ptr(), coupling.data_ptr()
     _run(kernel.capsnet_route, call)
     return poses, coupling
 
@@ -341,10 +338,9 @@ def route_class_capsules_backward(
     _, num_classes, capsule_dim, _ = weight.shape
     lanes = kernel.capsnet_lanes()
     padded = _padded(num_inputs, lanes)
-    packed_weight = _pack_weight(weight, lanes)
-    # [B, I, A] -> [P / L, B, A, L]: zero padded, input-block major for the second phase, which runs over input blocks
-    packed_inputs = inputs if padded == num_inputs else F.pad(inputs, (0, 0, 0, padded - num_inputs))
-    packed_inputs = packed_inputs.view(batch_size, padded // lanes, lanes, input_dim).permute(1, 0, 3, 2).contiguous()
+    packed_weight = _packed_weight_buffer(weight, lanes)
+    # the inputs as [P / L, B, A, L], input-block major for the second phase, which runs over input blocks
+    packed_inputs = inputs.new_empty(padded // lanes, batch_size, input_dim, lanes)
     terms = 1 if detach_inner_votes else 2 * iterations - 1
     left = inputs.new_empty(padded // lanes, batch_size, terms, num_classes, lanes)
     right = inputs.new_empty(batch_size, terms, num_classes, capsule_dim)
@@ -356,21 +352,19 @@ def route_class_capsules_backward(
         raise ValueError(f"gradients {tuple(grad_poses.shape)} / {tuple(grad_coupling.shape)} do not fit the outputs")
     grad_poses, grad_coupling = grad_poses.float().contiguous(), grad_coupling.float().contiguous()
     grad_inputs = torch.empty_like(inputs)
-    grad_packed_weight = torch.empty_like(packed_weight)
+    grad_weight = torch.empty_like(weight)
     grad_bias = inputs.new_empty(batch_size, num_classes, capsule_dim)
     call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, lanes)
-    call.packed_inputs, call.weight = packed_inputs.data_ptr(), packed_weight.data_ptr()
+    call.packed_inputs, call.packed_weight = packed_inputs.data_ptr(), packed_weight.data_ptr()
     call.grad_poses, call.grad_coupling = grad_poses.data_ptr(), grad_coupling.data_ptr()
     call.grad_inputs, call.grad_weight, call.grad_bias = (
         grad_inputs.data_ptr(),
-        grad_packed_weight.data_ptr(),
+        grad_weight.data_ptr(),
         grad_bias.data_ptr(),
     )
     call.left, call.right = left.data_ptr(), right.data_ptr()
     _run(kernel.capsnet_route_backward, call)
-    # [P / L, J, K, A, L] -> [I, J, K, A]
-    grad_weight = grad_packed_weight.permute(0, 4, 1, 2, 3).reshape(padded, num_classes, capsule_dim, input_dim)
-    return grad_inputs, grad_weight[:num_inputs].contiguous(), grad_bias.sum(0)
+    return grad_inputs, grad_weight, grad_bias.sum(0)
 
 
 @route_class_capsules_backward.register_fake

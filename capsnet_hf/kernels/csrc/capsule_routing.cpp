@@ -3,13 +3,14 @@
 //
 // Built and loaded by capsnet_hf/kernels/cpu_routing.py (plain C ABI through ctypes, no torch headers): each entry
 // point takes one argument struct (CapsnetRoutingCall or CapsnetPrimaryCall), mirrored field by field by a
-// ctypes.Structure there and checked against capsnet_call_layout() when the library is loaded, and returns null or a one-line error (it validates the sizes
-// itself and never lets a C++ exception escape). The torch formulation writes the votes of a batch to memory and
-// streams them 2 x iterations - 1 times; here each thread computes the votes of a block of examples (two per sweep
-// over the weight) into its own buffer, laid out so that L input capsules fill one vector register, and then routes
-// each example with one pass per iteration after the first: agreement with v_j, softmax over the parents and the next
-// weighted sum s_j, for L input capsules at a time. Float32 throughout; results differ from the torch path by float
-// rounding only (summation order, a polynomial exp).
+// ctypes.Structure there and checked against capsnet_call_layout() when the library is loaded, and returns null or a
+// one-line error (it validates the sizes itself and never lets a C++ exception escape). The torch formulation writes
+// the votes of a batch to memory and streams them 2 x iterations - 1 times; here each call first re-lays out the weight
+// (and in the backward the inputs) into input blocks, then each thread computes the votes of a block of examples (two
+// per sweep over the weight) into its own buffer, laid out so that L input capsules fill one vector register, and then
+// routes each example with one pass per iteration after the first: agreement with v_j, softmax over the parents and the
+// next weighted sum s_j, for L input capsules at a time. Float32 throughout; results differ from the torch path by
+// float rounding only (summation order, a polynomial exp).
 //
 // The backward (capsnet_route_backward) saves nothing from the forward: per example it recomputes the votes and the
 // routing (keeping every iteration's couplings), then walks the iterations back with one pass over the votes each,
@@ -18,8 +19,9 @@
 //
 // Layouts (L = kLanes, P = I rounded up to a multiple of L, padding capsules have zero votes):
 //   inputs         [B, I, A]           primary capsules u_i
-//   packed_inputs  [P / L, B, A, L]    the same, input-block major, zero padded (backward only)
-//   weight         [P / L, J, K, A, L] W[i, j, k, a] with i = block * L + lane
+//   packed_inputs  [P / L, B, A, L]    the same, input-block major, zero padded (backward only; scratch)
+//   weight         [I, J, K, A]        W[i, j, k, a], the layer's own layout (grad_weight too)
+//   packed_weight  [P / L, J, K, A, L] W re-laid out by each call (scratch): i = block * L + lane
 //   bias           [J, K] or null      added to every s_j
 //   poses          [B, J, K]           v_j of the last iteration (forward output)
 //   coupling       [B, J, I]           c_ij of the last iteration (forward output)
@@ -92,15 +94,16 @@ inline Vec exp_nonpositive(Vec x) {
 // P = padded_inputs, T = iterations; layouts at the top of this file); fields a call does not use may be null.
 struct CapsnetRoutingCall {
   const float* inputs;
-  const float* packed_inputs;
+  float* packed_inputs;
   const float* weight;
+  float* packed_weight;
   const float* bias;
   float* poses;
   float* coupling;
   const float* grad_poses;     // [B, J, K]
   const float* grad_coupling;  // [B, J, I] or null
   float* grad_inputs;          // [B, I, A]
-  float* grad_weight;          // the packed weight's layout
+  float* grad_weight;          // [I, J, K, A]
   float* grad_bias;            // [B, J, K]: each example's sum over the iterations of dL/ds_t
   float* left;                 // scratch [P / L, B, terms, J, L], terms = 2T - 1 (1 with detach_inner_votes)
   float* right;                // scratch [B, terms, J, K]
@@ -223,7 +226,7 @@ void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t
   }
   std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
   for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
-    const float* weight = p.weight + v * JK * A * kLanes;
+    const float* weight = p.packed_weight + v * JK * A * kLanes;
     const float* u[2];
     float* out[2];
     Vec* first_sum[2];
@@ -415,9 +418,11 @@ void backprop_blocks(const Problem& p, int64_t first_block, int64_t stride) {
 
 // dL/du and dL/dW of input block v (kLanes input capsules) from the factors of dL/du_hat: with gv[b, j, k] =
 // dL/du_hat[b, j, i, k], dL/du[b, i, a] = sum_jk W[i, j, k, a] gv[b, j, k] and dL/dW[i, j, k, a] = sum_b gv[b, j, k]
-// u[b, i, a]. left [terms], grad_vote [B, K] and grad_u [B, A] are scratch. kInputDim as in capsule_votes.
+// u[b, i, a]. left [terms], grad_vote [B, K], grad_u [B, A] and grad_w [K, A] are scratch. kInputDim as in
+// capsule_votes.
 template <int64_t kInputDim>
-void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* left, Vec* grad_vote, Vec* grad_u) {
+void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* left, Vec* grad_vote, Vec* grad_u,
+                                      Vec* grad_w) {
   const int64_t B = p.batch, I = p.inputs_per_example, J = p.parents, K = p.pose_dim;
   const int64_t A = kInputDim > 0 ? kInputDim : p.input_dim, R = gradient_terms(p);
   // Accumulators over a: all A of them with kInputDim > 0 (in registers), else one at a time.
@@ -434,8 +439,7 @@ void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* left, Ve
         grad_vote[b * K + k] = sum;
       }
     }
-    const float* weight = p.weight + (v * J + j) * K * A * kLanes;
-    float* target = p.grad_weight + (v * J + j) * K * A * kLanes;
+    const float* weight = p.packed_weight + (v * J + j) * K * A * kLanes;
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t a = 0; a < A; a += width) {
         for (int64_t w = 0; w < width; ++w) total[w] = Vec{};
@@ -444,8 +448,13 @@ void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* left, Ve
           const float* u = p.packed_inputs + ((v * B + b) * A + a) * kLanes;
           for (int64_t w = 0; w < width; ++w) total[w] += gv * load(u + w * kLanes);
         }
-        for (int64_t w = 0; w < width; ++w) store(target + (k * A + a + w) * kLanes, total[w]);
+        for (int64_t w = 0; w < width; ++w) grad_w[k * A + a + w] = total[w];
       }
+    }
+    // lane by lane into W's own layout: dW[i, j] is K * A floats in a row
+    for (int64_t lane = 0; lane < std::min(kLanes, I - v * kLanes); ++lane) {
+      float* row = p.grad_weight + ((v * kLanes + lane) * J + j) * K * A;
+      for (int64_t ka = 0; ka < K * A; ++ka) row[ka] = grad_w[ka][lane];
     }
     for (int64_t b = 0; b < B; ++b) {
       Vec* target_u = grad_u + b * A;
@@ -469,11 +478,32 @@ void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* left, Ve
 // Input blocks first_vector, first_vector + stride, ... of block_input_and_weight_gradients.
 void input_and_weight_gradients(const Problem& p, int64_t first_vector, int64_t stride) {
   std::vector<Vec> left(gradient_terms(p)), grad_vote(p.batch * p.pose_dim), grad_u(p.batch * p.input_dim);
+  std::vector<Vec> grad_w(p.pose_dim * p.input_dim);
   for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
     if (p.input_dim == 8)
-      block_input_and_weight_gradients<8>(p, v, left.data(), grad_vote.data(), grad_u.data());
+      block_input_and_weight_gradients<8>(p, v, left.data(), grad_vote.data(), grad_u.data(), grad_w.data());
     else
-      block_input_and_weight_gradients<0>(p, v, left.data(), grad_vote.data(), grad_u.data());
+      block_input_and_weight_gradients<0>(p, v, left.data(), grad_vote.data(), grad_u.data(), grad_w.data());
+  }
+}
+
+// packed_weight (and with packed_inputs also packed_inputs) of input blocks first_vector, first_vector + stride, ...
+// from weight and inputs; the padding capsules' lanes are zero.
+void pack_blocks(const Problem& p, int64_t first_vector, int64_t stride, bool pack_inputs) {
+  const int64_t I = p.inputs_per_example, A = p.input_dim, JKA = p.parents * p.pose_dim * A;
+  for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
+    const int64_t lanes = std::min(kLanes, I - v * kLanes);
+    float* packed = p.packed_weight + v * JKA * kLanes;
+    const float* rows = p.weight + v * kLanes * JKA;  // lane's row at rows + lane * JKA
+    for (int64_t jka = 0; jka < JKA; ++jka)
+      for (int64_t lane = 0; lane < kLanes; ++lane)
+        packed[jka * kLanes + lane] = lane < lanes ? rows[lane * JKA + jka] : 0.0f;
+    if (!pack_inputs) continue;
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t a = 0; a < A; ++a)
+        for (int64_t lane = 0; lane < kLanes; ++lane)
+          p.packed_inputs[((v * p.batch + b) * A + a) * kLanes + lane] =
+              lane < lanes ? p.inputs[(b * I + v * kLanes + lane) * A + a] : 0.0f;
   }
 }
 
@@ -516,7 +546,7 @@ const char* invalid_call(const Problem* p, bool backward) {
   if (p->iterations < 1) return "routing needs at least one iteration";
   if (p->examples_per_block < 1 || p->threads < 1) return "examples_per_block and threads must be positive";
   if (!(p->epsilon >= 0.0f)) return "epsilon must be zero or positive";
-  if (!p->weight) return "the weight is missing";
+  if (!p->weight || !p->packed_weight) return "the weight or its packed buffer is missing";
   if (!backward) {
     if (p->batch > 0 && (!p->inputs || !p->poses || !p->coupling)) return "an input or output buffer is missing";
   } else {
@@ -653,10 +683,10 @@ extern "C" int capsnet_threaded() {
 extern "C" const char* capsnet_call_layout(const char* struct_name) {
 #define F(name) CAPSNET_FIELD(CapsnetRoutingCall, name)
   static const std::string routing =
-      std::string() + F(inputs) + F(packed_inputs) + F(weight) + F(bias) + F(poses) + F(coupling) + F(grad_poses) +
-      F(grad_coupling) + F(grad_inputs) + F(grad_weight) + F(grad_bias) + F(left) + F(right) + F(batch) +
-      F(inputs_per_example) + F(input_dim) + F(parents) + F(pose_dim) + F(padded_inputs) + F(iterations) +
-      F(examples_per_block) + F(leaky) + F(detach_inner_votes) + F(threads) + F(epsilon) +
+      std::string() + F(inputs) + F(packed_inputs) + F(weight) + F(packed_weight) + F(bias) + F(poses) +
+      F(coupling) + F(grad_poses) + F(grad_coupling) + F(grad_inputs) + F(grad_weight) + F(grad_bias) + F(left) +
+      F(right) + F(batch) + F(inputs_per_example) + F(input_dim) + F(parents) + F(pose_dim) + F(padded_inputs) +
+      F(iterations) + F(examples_per_block) + F(leaky) + F(detach_inner_votes) + F(threads) + F(epsilon) +
       "size:" + std::to_string(sizeof(CapsnetRoutingCall));
 #undef F
 #define F(name) CAPSNET_FIELD(CapsnetPrimaryCall, name)
@@ -675,14 +705,20 @@ extern "C" const char* capsnet_call_layout(const char* struct_name) {
 // Poses and last couplings of a batch (inputs, weight, bias -> poses, coupling). Null, or why it did not run.
 extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
   if (const char* error = invalid_call(call, false)) return error;
+  if (const char* error =
+          run_parallel(call->threads, [&](int thread, int count) { pack_blocks(*call, thread, count, false); }))
+    return error;
   return run_parallel(call->threads, [&](int thread, int count) { route_blocks(*call, thread, count); });
 }
 
-// Gradients of capsnet_route's poses and couplings (grad_poses, grad_coupling) w.r.t. the inputs, the packed weight
-// and the bias (per example), from inputs, packed_inputs, weight and bias; recomputes the votes and the routing.
-// Null, or why it did not run.
+// Gradients of capsnet_route's poses and couplings (grad_poses, grad_coupling) w.r.t. the inputs, the weight and the
+// bias (per example), from inputs, weight and bias; recomputes the votes and the routing. Null, or why it did not
+// run.
 extern "C" const char* capsnet_route_backward(const CapsnetRoutingCall* call) {
   if (const char* error = invalid_call(call, true)) return error;
+  if (const char* error =
+          run_parallel(call->threads, [&](int thread, int count) { pack_blocks(*call, thread, count, true); }))
+    return error;
   if (const char* error = run_parallel(call->threads, [&](int thread, int count) {
         backprop_blocks(*call, thread, count);
       }))
