@@ -1,19 +1,25 @@
-"""CPU kernel for the class capsules: votes and routing fused per example, forward and backward, as the torch operator
-`torch.ops.capsnet_hf.route_class_capsules` (with its autograd formula and shape function, so that autograd,
-`torch.compile` and `torch.export` see one opaque op).
+"""CPU kernels for the capsule layers, forward and backward, as torch operators with their autograd formulas and shape
+functions (so that autograd, `torch.compile` and `torch.export` see opaque ops):
 
-The torch path of `modeling_capsnet.py` writes the votes [B, J, I, K] to memory and streams them 2 x iterations - 1
-times (and autograd keeps them for the backward); `csrc/capsule_routing.cpp` keeps a few examples' votes in a
-per-thread buffer, routes each example with one pass per iteration, and recomputes them in the backward instead of
-saving them (docs/performance.md). It is built with the system C++ compiler on first use (`load_kernel_library`,
-cached under `default_cache_dir()`), loaded with ctypes, and called with one `RoutingCall` struct whose layout is
-checked against the library's. Needs a C++ compiler (g++ or clang++, or `CXX`); tested on Linux x86-64 with GCC 12.
+- `torch.ops.capsnet_hf.route_class_capsules`: the class capsules' votes and routing fused per example. The torch
+  path of `modeling_capsnet.py` writes the votes [B, J, I, K] to memory and streams them 2 x iterations - 1 times
+  (and autograd keeps them for the backward); `csrc/capsule_routing.cpp` keeps a few examples' votes in a per-thread
+  buffer, routes each example with one pass per iteration, and recomputes them in the backward instead of saving
+  them (docs/performance.md).
+- `torch.ops.capsnet_hf.squash_primary_capsules`: the primary capsules' scale, bias, reshape and squash after their
+  convolution in one pass, where the torch path runs about twenty elementwise ops.
 
-For a library it is opt-in, since it runs a compiler on the user's machine: `enable_cpu_routing_kernel(model)`
-attaches it to every class-capsule layer, which then routes float32 CPU inputs with it, in inference and training,
-eager or compiled, on `torch.get_num_threads()` OpenMP threads; other devices and dtypes keep the torch path.
-Outputs and gradients equal the torch path's to float32 rounding (tests/test_routing_reference.py). `capsnet-train`
-and `capsnet-eval` choose it with `--cpu_routing_kernel` (`use_cpu_routing_kernel`).
+Both are built with the system C++ compiler on first use (`load_kernel_library`, cached under
+`default_cache_dir()`), loaded with ctypes, and called with one argument struct each (`RoutingCall`, `PrimaryCall`)
+whose layout is checked against the library's. Needs a C++ compiler (g++ or clang++, or `CXX`); tested on Linux
+x86-64 with GCC 12.
+
+For a library they are opt-in, since they run a compiler on the user's machine: `enable_cpu_routing_kernel(model)`
+attaches them to every class- and primary-capsule layer, which then use them for float32 CPU inputs (the primary
+capsules also for bf16/fp16 ones under autocast), in inference and training, eager or compiled, on
+`torch.get_num_threads()` OpenMP threads; other devices and dtypes keep the torch path. Outputs and gradients equal
+the torch path's to float32 rounding (tests/test_routing_reference.py, tests/test_cpu_routing_kernel.py).
+`capsnet-train` and `capsnet-eval` choose them with `--cpu_routing_kernel` (`use_cpu_routing_kernel`).
 
     model = AutoModelForImageClassification.from_pretrained(...)
     enable_cpu_routing_kernel(model.eval())
