@@ -1,5 +1,6 @@
-"""What the four commands share: one error type and exit convention, one boolean parser, model loading, and the
-files they write (the usual modes, written aside then renamed, an output folder locked against a second run)."""
+"""What the four commands share: one error type and exit convention, one boolean parser, the CPU thread count, model
+loading, and the files they write (the usual modes, written aside then renamed, an output folder locked against a
+second run)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,48 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return number
+
+
+CPU_THREADS_HELP = (
+    "torch threads on CPU: 'auto' (default) gives the process its share of the physical cores where accelerate "
+    "launch left its default of one (OMP_NUM_THREADS=1), else keeps torch's; or a number"
+)
+
+
+def cpu_threads_choice(value: str) -> int | str:
+    """An argparse type for `--cpu_threads`: 'auto' or an integer >= 1."""
+    return "auto" if str(value).lower() == "auto" else positive_int(value)
+
+
+def use_cpu_threads(choice: int | str, device: Any) -> str | None:
+    """Apply `--cpu_threads` when running on the CPU; returns a line for the log, or None when nothing changed.
+
+    'auto' undoes `accelerate launch`'s default of one OpenMP thread per process: without `--cpu` or
+    `--num_cpu_threads_per_process` it sets OMP_NUM_THREADS=1 (meant for processes that each drive a GPU), which
+    leaves a CPU run on one core, about 1.7x slower on two. So in a process it started (its ACCELERATE_* variables)
+    with OMP_NUM_THREADS=1, torch gets the physical cores available to the process shared among the machine's
+    processes (LOCAL_WORLD_SIZE), as `accelerate launch --cpu` would give; anything else is left alone. An integer
+    sets that many threads; `--cpu_threads 1` keeps one.
+    """
+    import torch
+
+    if getattr(device, "type", device) != "cpu":
+        return None
+    if choice != "auto":
+        torch.set_num_threads(int(choice))
+        return f"CPU threads: {choice} (--cpu_threads)"
+    launched = any(name.startswith("ACCELERATE_") for name in os.environ)
+    if not launched or os.environ.get("OMP_NUM_THREADS") != "1":
+        return None
+    import psutil
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(available, psutil.cpu_count(logical=False) or available)
+    threads = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if threads == 1:
+        return None
+    torch.set_num_threads(threads)
+    return f"CPU threads: {threads} (auto: accelerate launch set OMP_NUM_THREADS=1; --cpu_threads 1 keeps one thread)"
 
 
 TRUE_WORDS = ("1", "true", "yes", "y", "on")

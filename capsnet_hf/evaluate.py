@@ -19,7 +19,17 @@ from typing import Any
 
 import torch
 
-from .cli import DataError, UsageError, load_model_and_processor, positive_int, run_command, write_aside
+from .cli import (
+    CPU_THREADS_HELP,
+    DataError,
+    UsageError,
+    cpu_threads_choice,
+    load_model_and_processor,
+    positive_int,
+    run_command,
+    use_cpu_threads,
+    write_aside,
+)
 from .data.batching import BatchTransform
 from .data.splits import load_splits
 from .kernels.cpu_routing import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
@@ -136,7 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--mixed_precision",
         choices=MIXED_PRECISION_CHOICES,
         default="auto",
-        help="'auto' (default): bf16 where the device runs it natively, else float32 (capsnet_hf.training.mixed_precision)",
+        help="'auto' (default): bf16 where the device runs it natively and fast, else float32 "
+        "(capsnet_hf.training.mixed_precision)",
     )
     parser.add_argument("--trust_remote_code", action="store_true", help="load models through their own code")
     parser.add_argument(
@@ -144,6 +155,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="on CPU, route the class capsules with the compiled C++ kernel: 'auto' (default) when it builds, "
         "'true' requires it, 'false' keeps the torch path",
+    )
+    parser.add_argument(
+        "--cpu_threads",
+        type=cpu_threads_choice,
+        default="auto",
+        help=CPU_THREADS_HELP,
     )
     parser.add_argument("--output_file", default=None, help="also write the JSON metrics here")
     args = parser.parse_args(argv)
@@ -181,10 +198,14 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     paths = args.ensemble or [args.model_name_or_path]
-    precision, precision_reason = resolve_mixed_precision(args.mixed_precision, accelerate_device())
+    device = accelerate_device()
+    threads_note = use_cpu_threads(args.cpu_threads, device)  # before the precision probe, which it times
+    precision, precision_reason = resolve_mixed_precision(args.mixed_precision, device)
     accelerator = Accelerator(mixed_precision=precision)
     if accelerator.is_main_process:
         print(f"precision: {describe(precision)} ({precision_reason})", file=sys.stderr)  # stdout is the JSON
+        if threads_note:
+            print(threads_note, file=sys.stderr)
     models, processor = load_models(paths, args.trust_remote_code)
     kernel_notes = []
     for path, model in zip(paths, models, strict=True):

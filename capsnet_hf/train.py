@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .cli import UsageError, lock_output_dir, run_command
+from .cli import UsageError, lock_output_dir, run_command, use_cpu_threads
 from .data.batching import BatchTransform, EpochOrder, make_generator
 from .data.splits import load_splits
 from .kernels.cpu_routing import KernelBuildError, use_cpu_routing_kernel
@@ -139,10 +139,13 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def create_accelerator(args):
-    """The Accelerator of the run, in the precision `--mixed_precision` resolves to (recorded in `args`)."""
+    """The Accelerator of the run, in the precision `--mixed_precision` resolves to (recorded in `args`), after
+    `--cpu_threads` has set torch's threads."""
     from accelerate import Accelerator
 
-    precision, reason = resolve_mixed_precision(args.mixed_precision, accelerate_device())
+    device = accelerate_device()
+    threads_note = use_cpu_threads(args.cpu_threads, device)  # before the precision probe, which it times
+    precision, reason = resolve_mixed_precision(args.mixed_precision, device)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -151,6 +154,8 @@ def create_accelerator(args):
     )
     accelerator.print(f"precision: {describe(precision)} ({reason})")
     args.mixed_precision = precision  # what ran, for the model card
+    if threads_note:
+        accelerator.print(threads_note)
     return accelerator
 
 

@@ -14,9 +14,11 @@ from capsnet_hf import CapsNetForImageClassification
 from capsnet_hf.cli import (
     PARTIAL_PREFIX,
     UsageError,
+    cpu_threads_choice,
     load_model_and_processor,
     parse_bool,
     run_command,
+    use_cpu_threads,
     write_aside,
 )
 
@@ -154,3 +156,79 @@ def test_load_model_and_processor_refuses_missing_paths_and_files(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(UsageError, match="is a file, not a model folder"):
         load_model_and_processor(str(tmp_path / "file.txt"))
+
+
+@pytest.fixture
+def torch_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(threads)
+
+
+def launched_by_accelerate(monkeypatch, omp_threads: str | None, local_processes: str | None = None, cores: int = 4):
+    """The environment `accelerate launch` gives its processes, on a machine with `cores` physical cores."""
+    import psutil
+
+    for name in [name for name in os.environ if name.startswith("ACCELERATE_")] + ["LOCAL_WORLD_SIZE"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    if omp_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_threads)
+    if local_processes is not None:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2 * cores)))
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 2 * cores if logical else cores)
+
+
+@pytest.mark.parametrize("local_processes, expected", [(None, 4), ("2", 2), ("4", None)])
+def test_cpu_threads_auto_undoes_accelerate_launchs_single_thread(
+    monkeypatch, torch_threads, local_processes, expected
+):
+    """accelerate launch sets OMP_NUM_THREADS=1 unless told --cpu: 'auto' gives each process its share of the physical
+    cores instead (none to give when they are all taken)."""
+    launched_by_accelerate(monkeypatch, "1", local_processes)
+    torch_threads.set_num_threads(1)
+    note = use_cpu_threads("auto", "cpu")
+    if expected is None:
+        assert note is None and torch_threads.get_num_threads() == 1
+    else:
+        assert torch_threads.get_num_threads() == expected
+        assert note == (
+            f"CPU threads: {expected} (auto: accelerate launch set OMP_NUM_THREADS=1; --cpu_threads 1 keeps one thread)"
+        )
+
+
+def test_cpu_threads_auto_leaves_other_settings_alone(monkeypatch, torch_threads):
+    torch_threads.set_num_threads(1)
+    for omp_threads in (None, "3"):
+        launched_by_accelerate(monkeypatch, omp_threads)
+        assert use_cpu_threads("auto", "cpu") is None
+    launched_by_accelerate(monkeypatch, "1")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # not started by accelerate launch: OMP_NUM_THREADS is the user's
+    assert use_cpu_threads("auto", "cpu") is None
+    launched_by_accelerate(monkeypatch, "1")
+    assert use_cpu_threads("auto", "cuda") is None
+    assert torch_threads.get_num_threads() == 1
+    assert use_cpu_threads(3, "cpu") == "CPU threads: 3 (--cpu_threads)"
+    assert torch_threads.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("command", ["capsnet_hf.train", "capsnet_hf.evaluate"])
+def test_cpu_threads_must_be_auto_or_a_positive_number(command, tmp_path):
+    argv = {
+        "capsnet_hf.train": ["--dataset_name", "x", "--output_dir", str(tmp_path / "out")],
+        "capsnet_hf.evaluate": ["--model_name_or_path", str(tmp_path)],
+    }[command]
+    prog = {"capsnet_hf.train": "capsnet-train", "capsnet_hf.evaluate": "capsnet-eval"}[command]
+    done = subprocess.run(
+        [sys.executable, "-m", command, *argv, "--cpu_threads", "0"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"{prog}: error: argument --cpu_threads: expected a positive integer, got '0'"
+    )
+    assert cpu_threads_choice("AUTO") == "auto" and cpu_threads_choice("2") == 2

@@ -17,6 +17,7 @@ from capsnet_hf.cli import DataError
 from capsnet_hf.data.splits import load_splits, save_npz_splits
 from capsnet_hf.paper import learning_curve
 from capsnet_hf.train import main, train
+from capsnet_hf.training import mixed_precision
 from capsnet_hf.training.mixed_precision import resolve_mixed_precision
 
 
@@ -25,16 +26,39 @@ def no_native_bf16(monkeypatch, native: bool):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_follows_the_cpu(monkeypatch, native):
+def bf16_speedup(monkeypatch, speedup: float) -> list[int]:
+    """Make the start-up probe report `speedup`; returns a list that counts its calls."""
+    calls = []
+    monkeypatch.setattr(mixed_precision, "cpu_bf16_speedup", lambda: calls.append(1) or speedup)
+    return calls
+
+
+@pytest.mark.parametrize("native, speedup", [(True, 2.1), (True, 0.9), (False, 2.1)])
+def test_auto_precision_follows_the_cpu(monkeypatch, native, speedup):
+    """bf16 only on a CPU with native bf16 whose probe ran it clearly faster; no probe on the others."""
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     no_native_bf16(monkeypatch, native)
+    probes = bf16_speedup(monkeypatch, speedup)
     precision, reason = resolve_mixed_precision("auto", "cpu")
-    assert precision == ("bf16" if native else "no")
-    assert reason.startswith(
-        "auto: this CPU has native bf16 (AVX512-BF16)" if native else "auto: this CPU has no native"
-    )
+    assert precision == ("bf16" if native and speedup > 1.25 else "no")
+    if native:
+        assert probes == [1]
+        assert reason == (
+            "auto: this CPU has native bf16 (AVX512-BF16) and ran a convolution 2.10x faster in bf16"
+            if speedup > 1.25
+            else "auto: this CPU has native bf16 (AVX512-BF16) but ran a convolution only 0.90x as fast in bf16 as "
+            "in float32; float32"
+        )
+    else:
+        assert probes == [] and reason.startswith("auto: this CPU has no native")
     assert resolve_mixed_precision("no", "cpu")[0] == "no" and resolve_mixed_precision("bf16", "cpu")[0] == "bf16"
+
+
+def test_bf16_probe_measures_without_touching_the_global_generator():
+    state = torch.get_rng_state()
+    speedup = mixed_precision.cpu_bf16_speedup(repeats=1)
+    assert 0 < speedup < float("inf")
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_auto_precision_on_cuda_and_from_the_launcher(monkeypatch):
@@ -62,6 +86,7 @@ def test_capsnet_train_and_eval_report_the_chosen_precision(tmp_path, monkeypatc
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     no_native_bf16(monkeypatch, native)
+    bf16_speedup(monkeypatch, 2.0)
     dataset = write_dataset(tmp_path / "data", {"train": 16, "test": 8}, size=(16, 16))
     results = train(tiny_args(dataset, tmp_path / "out", "--max_train_steps", "1"))
     expected = "bf16" if native else "no"
