@@ -576,8 +576,9 @@ struct CapsnetPrimaryCall {
 namespace {
 
 // One capsule type of one example (a group: M capsules of dimension A) at a time, in loops over the M positions
-// that the compiler vectorises: s [A, M] = scale * conv + bias (float, rounded as the torch path rounds it), then
-// |s|^2 per position in double, which no float32 input overflows (the torch path scales by a power of two instead).
+// that the compiler vectorises: s [A, M] = scale * conv + bias in float (maybe fused, so not bitwise the torch
+// path's), then |s|^2 per position in double, which no float32 input overflows (the torch path scales by a power
+// of two instead).
 struct PrimaryGroup {
   explicit PrimaryGroup(const CapsnetPrimaryCall& p)
       : A(p.capsule_dim), M(p.positions), s(A * M), g(A * M), squared_norm(M), radial(M) {}
