@@ -54,6 +54,31 @@ def test_auto_precision_follows_the_cpu(monkeypatch, native, speedup):
     assert resolve_mixed_precision("no", "cpu")[0] == "no" and resolve_mixed_precision("bf16", "cpu")[0] == "bf16"
 
 
+BROADCAST_PROBE = """
+import sys
+import torch.distributed as dist
+from capsnet_hf.training import mixed_precision
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+mixed_precision.cpu_bf16_speedup = lambda: 2.0 if rank == 0 else 0.5  # the processes' probes disagree
+print(mixed_precision._main_process_speedup())
+dist.destroy_process_group()
+"""
+
+
+def test_bf16_probe_of_the_main_process_decides_for_every_process(tmp_path):
+    init_method = (tmp_path / "rendezvous").as_uri()
+    command = [sys.executable, "-c", BROADCAST_PROBE]
+    processes = [
+        subprocess.Popen([*command, str(rank), init_method], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert [output.strip() for output in outputs] == ["2.0", "2.0"]
+
+
 def test_bf16_probe_measures_without_touching_the_global_generator():
     state = torch.get_rng_state()
     speedup = mixed_precision.cpu_bf16_speedup(repeats=1)

@@ -544,15 +544,16 @@ class CpuPrimaryCapsulesKernel:
         )
 
 
+def _layers_with(model: nn.Module, kernel_attribute: str) -> list[nn.Module]:
+    """The layers of `model` that take a kernel as `kernel_attribute` (routing_kernel, squash_kernel)."""
+    return [module for module in model.modules() if hasattr(module, kernel_attribute)]
+
+
 def _class_capsule_layers(model: nn.Module, required: bool = True) -> list[nn.Module]:
-    layers = [module for module in model.modules() if hasattr(module, "routing_kernel")]
+    layers = _layers_with(model, "routing_kernel")
     if required and not layers:
         raise ValueError(f"{type(model).__name__} has no CapsNet class-capsule layer to attach the kernel to")
     return layers
-
-
-def _primary_capsule_layers(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if hasattr(module, "squash_kernel")]
 
 
 def enable_cpu_routing_kernel(model: nn.Module, cache_dir: str | None = None) -> nn.Module:
@@ -565,7 +566,7 @@ def enable_cpu_routing_kernel(model: nn.Module, cache_dir: str | None = None) ->
     routing, primary = CpuRoutingKernel(cache_dir), CpuPrimaryCapsulesKernel(cache_dir)
     for layer in layers:
         layer.routing_kernel = routing
-    for layer in _primary_capsule_layers(model):
+    for layer in _layers_with(model, "squash_kernel"):
         layer.squash_kernel = primary
     return model
 
@@ -574,7 +575,7 @@ def disable_cpu_routing_kernel(model: nn.Module) -> nn.Module:
     """Back to the torch formulation in every class- and primary-capsule layer of `model`; returns it."""
     for layer in _class_capsule_layers(model):
         layer.routing_kernel = None
-    for layer in _primary_capsule_layers(model):
+    for layer in _layers_with(model, "squash_kernel"):
         layer.squash_kernel = None
     return model
 

@@ -9,7 +9,7 @@ AVX512-BF16 Xeon without AMX: 1.05-1.17x the time), and on a CPU without them on
   it needs loss scaling);
 - CPU: float32 unless the CPU has AVX512-BF16 or AMX tiles, as reported by PyTorch's cpuinfo probes
   (`torch.cpu._is_avx512_bf16_supported()`, `torch.cpu._is_amx_tile_supported()`; Linux `lscpu` flags
-  `avx512_bf16`, `amx_bf16`); where it has them, a probe of about half a second times a primary-capsule convolution's
+  `avx512_bf16`, `amx_bf16`); where it has them, a probe of under a second times a primary-capsule convolution's
   forward and backward in both precisions (`cpu_bf16_speedup`), and bf16 is chosen when it ran at least
   `BF16_MIN_SPEEDUP` times faster. With several processes the main process's measurement decides for all;
 - other devices: float32.

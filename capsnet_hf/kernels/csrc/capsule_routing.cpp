@@ -127,6 +127,26 @@ struct RoutingRecord {
   std::vector<float> poses;           // [T, J, K]: v_t
 };
 
+// Eq. 1 as v = f(n) s with n = |s|^2: f(n) = n / ((1 + n) sqrt(n + eps)), finite at n = 0 for eps > 0. Shared by the
+// class capsules (float) and the primary capsules (double).
+template <typename T>
+T squash_factor(T n, T epsilon) {
+  return n / ((T(1) + n) * std::sqrt(n + epsilon));
+}
+
+// What dL/ds = f(n) dL/dv + 2 f'(n) (dL/dv . s) s needs: f(n) and f'(n) = (1 / (1 + n) - n / (2 (n + eps))) /
+// ((1 + n) sqrt(n + eps)).
+template <typename T>
+struct SquashSlopes {
+  T factor, derivative;
+};
+
+template <typename T>
+SquashSlopes<T> squash_slopes(T n, T epsilon) {
+  const T inverse = T(1) / ((T(1) + n) * std::sqrt(n + epsilon));
+  return {n * inverse, inverse * (T(1) / (T(1) + n) - T(0.5) * n / (n + epsilon))};
+}
+
 // Adds the bias to s (in place) and writes v = squash(s) (Eq. 1), for every parent.
 void squash(const Problem& p, float* preactivation, float* poses) {
   for (int64_t j = 0; j < p.parents; ++j) {
@@ -136,13 +156,12 @@ void squash(const Problem& p, float* preactivation, float* poses) {
       if (p.bias) s[k] += p.bias[j * p.pose_dim + k];
       squared_norm += s[k] * s[k];
     }
-    const float scale = squared_norm / ((1.0f + squared_norm) * std::sqrt(squared_norm + p.epsilon));
-    for (int64_t k = 0; k < p.pose_dim; ++k) poses[j * p.pose_dim + k] = s[k] * scale;
+    const float factor = squash_factor(squared_norm, p.epsilon);
+    for (int64_t k = 0; k < p.pose_dim; ++k) poses[j * p.pose_dim + k] = s[k] * factor;
   }
 }
 
-// dL/ds from dL/dv through v = f(n) s, n = |s|^2, f(n) = n / ((1 + n) sqrt(n + eps)), for every parent:
-// dL/ds = f(n) dL/dv + 2 f'(n) (dL/dv . s) s with f'(n) = (1 / (1 + n) - n / (2 (n + eps))) / ((1 + n) sqrt(n + eps)).
+// dL/ds from dL/dv through Eq. 1 (squash_slopes), for every parent.
 void squash_backward(const Problem& p, const float* preactivation, const float* grad_poses, float* grad_preactivation) {
   for (int64_t j = 0; j < p.parents; ++j) {
     const float* s = preactivation + j * p.pose_dim;
@@ -152,10 +171,9 @@ void squash_backward(const Problem& p, const float* preactivation, const float* 
       squared_norm += s[k] * s[k];
       radial += g[k] * s[k];
     }
-    const float inverse = 1.0f / ((1.0f + squared_norm) * std::sqrt(squared_norm + p.epsilon));
-    const float slope = inverse * (1.0f / (1.0f + squared_norm) - 0.5f * squared_norm / (squared_norm + p.epsilon));
+    const SquashSlopes<float> slopes = squash_slopes(squared_norm, p.epsilon);
     for (int64_t k = 0; k < p.pose_dim; ++k)
-      grad_preactivation[j * p.pose_dim + k] = squared_norm * inverse * g[k] + 2.0f * slope * radial * s[k];
+      grad_preactivation[j * p.pose_dim + k] = slopes.factor * g[k] + 2.0f * slopes.derivative * radial * s[k];
   }
 }
 
@@ -581,7 +599,7 @@ namespace {
 // of two instead).
 struct PrimaryGroup {
   explicit PrimaryGroup(const CapsnetPrimaryCall& p)
-      : A(p.capsule_dim), M(p.positions), s(A * M), g(A * M), squared_norm(M), radial(M) {}
+      : A(p.capsule_dim), M(p.positions), s(A * M), squared_norm(M) {}
 
   void load(const CapsnetPrimaryCall& p, int64_t group) {
     const int64_t n = group % p.types;
@@ -596,8 +614,8 @@ struct PrimaryGroup {
   }
 
   const int64_t A, M;
-  std::vector<float> s, g;                   // [A, M]: preactivations, and the capsules' gradient transposed
-  std::vector<double> squared_norm, radial;  // [M]
+  std::vector<float> s;               // [A, M]
+  std::vector<double> squared_norm;  // [M]
 };
 
 // Eq. 1, v = f(n) s with n = |s|^2 and f(n) = n / ((1 + n) sqrt(n + eps)), for groups first, first + stride, ...
@@ -607,10 +625,7 @@ void squash_primary_groups(const CapsnetPrimaryCall& p, int64_t first, int64_t s
   std::vector<double> factor(M);
   for (int64_t group = first; group < p.batch * p.types; group += stride) {
     work.load(p, group);
-    for (int64_t m = 0; m < M; ++m) {
-      const double n = work.squared_norm[m];
-      factor[m] = n / ((1.0 + n) * std::sqrt(n + p.epsilon));
-    }
+    for (int64_t m = 0; m < M; ++m) factor[m] = squash_factor<double>(work.squared_norm[m], p.epsilon);
     float* capsules = p.capsules + group * M * A;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t a = 0; a < A; ++a) capsules[m * A + a] = static_cast<float>(work.s[a * M + m] * factor[m]);
@@ -621,28 +636,28 @@ void squash_primary_groups(const CapsnetPrimaryCall& p, int64_t first, int64_t s
 void squash_primary_groups_backward(const CapsnetPrimaryCall& p, int64_t first, int64_t stride) {
   PrimaryGroup work(p);
   const int64_t A = work.A, M = work.M;
-  std::vector<double> along_grad(M), along_s(M);
+  std::vector<float> g(A * M);  // the capsules' gradient, transposed to [A, M]
+  std::vector<double> radial(M), along_grad(M), along_s(M);
   for (int64_t group = first; group < p.batch * p.types; group += stride) {
     work.load(p, group);
     const float* grad_capsules = p.grad_capsules + group * M * A;
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t a = 0; a < A; ++a) work.g[a * M + m] = grad_capsules[m * A + a];
-    std::fill(work.radial.begin(), work.radial.end(), 0.0);
+      for (int64_t a = 0; a < A; ++a) g[a * M + m] = grad_capsules[m * A + a];
+    std::fill(radial.begin(), radial.end(), 0.0);
     for (int64_t a = 0; a < A; ++a)
-      for (int64_t m = 0; m < M; ++m) work.radial[m] += static_cast<double>(work.g[a * M + m]) * work.s[a * M + m];
+      for (int64_t m = 0; m < M; ++m) radial[m] += static_cast<double>(g[a * M + m]) * work.s[a * M + m];
     // dL/ds = f(n) dL/dv + 2 f'(n) (dL/dv . s) s = along_grad dL/dv + along_s s
     for (int64_t m = 0; m < M; ++m) {
-      const double n = work.squared_norm[m];
-      const double inverse = 1.0 / ((1.0 + n) * std::sqrt(n + p.epsilon));
-      along_grad[m] = n * inverse;
-      along_s[m] = 2.0 * inverse * (1.0 / (1.0 + n) - 0.5 * n / (n + p.epsilon)) * work.radial[m];
+      const SquashSlopes<double> slopes = squash_slopes<double>(work.squared_norm[m], p.epsilon);
+      along_grad[m] = slopes.factor;
+      along_s[m] = 2.0 * slopes.derivative * radial[m];
     }
     float* grad_bias = p.grad_bias ? p.grad_bias + group * A : nullptr;
     for (int64_t a = 0; a < A; ++a) {
       float* grad_conv = p.grad_conv + (group * A + a) * M;
       double bias_sum = 0.0;
       for (int64_t m = 0; m < M; ++m) {
-        const double grad_s = along_grad[m] * work.g[a * M + m] + along_s[m] * work.s[a * M + m];
+        const double grad_s = along_grad[m] * g[a * M + m] + along_s[m] * work.s[a * M + m];
         grad_conv[m] = static_cast<float>(grad_s * p.scale);
         bias_sum += grad_s;
       }
