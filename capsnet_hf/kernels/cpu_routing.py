@@ -348,7 +348,7 @@ def route_class_capsules_backward(
     # the inputs as [P / L, B, A, L], input-block major for the second phase, which runs over input blocks
     packed_inputs = inputs.new_empty(padded // lanes, batch_size, input_dim, lanes)
     terms = 1 if detach_inner_votes else 2 * iterations - 1
-    left = inputs.new_empty(padded // lanes, batch_size, terms, num_classes, lanes)
+    left = inputs.new_empty(padded // lanes, batch_size, num_classes, terms, lanes)
     right = inputs.new_empty(batch_size, terms, num_classes, capsule_dim)
     if grad_poses.shape != (batch_size, num_classes, capsule_dim) or grad_coupling.shape != (
         batch_size,

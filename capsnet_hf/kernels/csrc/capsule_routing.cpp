@@ -105,7 +105,7 @@ struct CapsnetRoutingCall {
   float* grad_inputs;          // [B, I, A]
   float* grad_weight;          // [I, J, K, A]
   float* grad_bias;            // [B, J, K]: each example's sum over the iterations of dL/ds_t
-  float* left;                 // scratch [P / L, B, terms, J, L], terms = 2T - 1 (1 with detach_inner_votes)
+  float* left;                 // scratch [P / L, B, J, terms, L], terms = 2T - 1 (1 with detach_inner_votes)
   float* right;                // scratch [B, terms, J, K]
   int64_t batch, inputs_per_example, input_dim, parents, pose_dim, padded_inputs, iterations, examples_per_block;
   int32_t leaky, detach_inner_votes, threads;
@@ -355,8 +355,7 @@ void backprop_example(const Problem& p, Workspace& ws, int64_t e, int64_t b,
   const float uniform = 1.0f / static_cast<float>(J + (p.leaky ? 1 : 0));
   const float* example_votes = ws.example_votes(p, e);
   const int64_t terms = gradient_terms(p), vectors = P / kLanes;
-  const int64_t left_stride = p.batch * terms * J * kLanes;  // from one input block to the next
-  float* left = p.left + b * terms * J * kLanes;
+  float* left = p.left + b * J * terms * kLanes;  // term r, parent j, block v at ((v * B * J + j) * terms + r) * L
   float* right = p.right + b * terms * JK;
   float* grad_bias = p.grad_bias + b * JK;
   std::memcpy(grad_poses.data(), p.grad_poses + b * JK, JK * sizeof(float));
@@ -367,7 +366,7 @@ void backprop_example(const Problem& p, Workspace& ws, int64_t e, int64_t b,
     for (int64_t v = 0; v < vectors; ++v)
       for (int64_t j = 0; j < J; ++j) {
         const Vec factor = left_factor ? load(left_factor + j * P + v * kLanes) : broadcast(left_constant);
-        store(left + v * left_stride + (term * J + j) * kLanes, factor);
+        store(left + ((v * p.batch * J + j) * terms + term) * kLanes, factor);
       }
     std::memcpy(right + term * JK, right_factor, JK * sizeof(float));
     ++term;
@@ -434,59 +433,83 @@ void backprop_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   }
 }
 
+// The second phase works through the batch kChunk examples at a time and, within a chunk, parent by parent, so that
+// the chunk's dL/du_hat and inputs and the parent's weight stay in L1 and the block's dL/dW [J, K, A] in L2, and the
+// factors are read in their order in memory; kTile* are how many k (or examples) one register tile spans: with
+// AVX-512's 32 registers twice what AVX2's 16 allow.
+constexpr int64_t kChunk = 8;
+constexpr int64_t kTileVote = kLanes == 16 ? 16 : 8;   // k of dL/du_hat per register tile
+constexpr int64_t kTileWeight = kLanes == 16 ? 2 : 1;  // k of dL/dW per register tile (x A)
+constexpr int64_t kTileInput = kLanes == 16 ? 2 : 1;   // examples of dL/du per register tile (x A)
+
 // dL/du and dL/dW of input block v (kLanes input capsules) from the factors of dL/du_hat: with gv[b, j, k] =
-// dL/du_hat[b, j, i, k], dL/du[b, i, a] = sum_jk W[i, j, k, a] gv[b, j, k] and dL/dW[i, j, k, a] = sum_b gv[b, j, k]
-// u[b, i, a]. left [terms], grad_vote [B, K], grad_u [B, A] and grad_w [K, A] are scratch. kInputDim as in
-// capsule_votes.
+// dL/du_hat[b, j, i, k] = sum_r left_r[b, j, i] right_r[b, j, k], dL/du[b, i, a] = sum_jk W[i, j, k, a] gv[b, j, k]
+// and dL/dW[i, j, k, a] = sum_b gv[b, j, k] u[b, i, a]. grad_vote [kChunk, K], grad_u [B, A] and grad_w [J, K, A]
+// are scratch. kInputDim as in capsule_votes: with it, every tile's A accumulators are registers.
 template <int64_t kInputDim>
-void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* left, Vec* grad_vote, Vec* grad_u,
-                                      Vec* grad_w) {
+void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* grad_vote, Vec* grad_u, Vec* grad_w) {
   const int64_t B = p.batch, I = p.inputs_per_example, J = p.parents, K = p.pose_dim;
   const int64_t A = kInputDim > 0 ? kInputDim : p.input_dim, R = gradient_terms(p);
-  // Accumulators over a: all A of them with kInputDim > 0 (in registers), else one at a time.
-  constexpr int64_t width = kInputDim > 0 ? kInputDim : 1;
-  Vec total[width];
-  std::fill(grad_u, grad_u + B * A, Vec{});
-  for (int64_t j = 0; j < J; ++j) {
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t r = 0; r < R; ++r) left[r] = load(p.left + (((v * B + b) * R + r) * J + j) * kLanes);
-      const float* right = p.right + (b * R * J + j) * K;  // term r at right + r * J * K
-      for (int64_t k = 0; k < K; ++k) {  // independent chains over k: no accumulator waits for the previous FMA
-        Vec sum = left[0] * right[k];
-        for (int64_t r = 1; r < R; ++r) sum += left[r] * right[r * J * K + k];
-        grad_vote[b * K + k] = sum;
-      }
-    }
-    const float* weight = p.packed_weight + (v * J + j) * K * A * kLanes;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t a = 0; a < A; a += width) {
-        for (int64_t w = 0; w < width; ++w) total[w] = Vec{};
-        for (int64_t b = 0; b < B; ++b) {
-          const Vec gv = grad_vote[b * K + k];
-          const float* u = p.packed_inputs + ((v * B + b) * A + a) * kLanes;
-          for (int64_t w = 0; w < width; ++w) total[w] += gv * load(u + w * kLanes);
+  constexpr int64_t width = kInputDim > 0 ? kInputDim : 1;  // a per register tile
+  const float* inputs = p.packed_inputs + v * B * A * kLanes;  // u[b, a] at (b * A + a) * kLanes
+  std::fill(grad_w, grad_w + J * K * A, Vec{});
+  for (int64_t first = 0; first < B; first += kChunk) {
+    const int64_t count = std::min(kChunk, B - first);
+    Vec* chunk_grad_u = grad_u + first * A;
+    std::fill(chunk_grad_u, chunk_grad_u + count * A, Vec{});
+    for (int64_t j = 0; j < J; ++j) {
+      const float* weight = p.packed_weight + (v * J + j) * K * A * kLanes;
+      Vec* parent_grad_w = grad_w + j * K * A;
+      for (int64_t e = 0; e < count; ++e) {
+        const float* left = p.left + ((v * B + first + e) * J + j) * R * kLanes;  // term r at left + r * kLanes
+        const float* right = p.right + ((first + e) * R * J + j) * K;            // term r at right + r * J * K
+        for (int64_t k0 = 0; k0 < K; k0 += kTileVote) {
+          Vec sum[kTileVote] = {};
+          for (int64_t r = 0; r < R; ++r) {
+            const Vec factor = load(left + r * kLanes);
+            for (int64_t t = 0; t < kTileVote; ++t)
+              if (k0 + t < K) sum[t] += factor * right[r * J * K + k0 + t];
+          }
+          for (int64_t t = 0; t < kTileVote; ++t)
+            if (k0 + t < K) grad_vote[e * K + k0 + t] = sum[t];
         }
-        for (int64_t w = 0; w < width; ++w) grad_w[k * A + a + w] = total[w];
       }
-    }
-    // lane by lane into W's own layout: dW[i, j] is K * A floats in a row
-    for (int64_t lane = 0; lane < std::min(kLanes, I - v * kLanes); ++lane) {
-      float* row = p.grad_weight + ((v * kLanes + lane) * J + j) * K * A;
-      for (int64_t ka = 0; ka < K * A; ++ka) row[ka] = grad_w[ka][lane];
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      Vec* target_u = grad_u + b * A;
-      for (int64_t a = 0; a < A; a += width) {
-        for (int64_t w = 0; w < width; ++w) total[w] = Vec{};
-        for (int64_t k = 0; k < K; ++k) {
-          const Vec gv = grad_vote[b * K + k];
-          for (int64_t w = 0; w < width; ++w) total[w] += load(weight + (k * A + a + w) * kLanes) * gv;
+      for (int64_t k0 = 0; k0 < K; k0 += kTileWeight)
+        for (int64_t a0 = 0; a0 < A; a0 += width) {
+          Vec total[kTileWeight][width] = {};
+          for (int64_t e = 0; e < count; ++e) {
+            const float* u = inputs + ((first + e) * A + a0) * kLanes;
+            for (int64_t w = 0; w < width; ++w) {
+              const Vec input = load(u + w * kLanes);
+              for (int64_t t = 0; t < kTileWeight; ++t)
+                if (k0 + t < K) total[t][w] += grad_vote[e * K + k0 + t] * input;
+            }
+          }
+          for (int64_t t = 0; t < kTileWeight; ++t)
+            if (k0 + t < K)
+              for (int64_t w = 0; w < width; ++w) parent_grad_w[(k0 + t) * A + a0 + w] += total[t][w];
         }
-        for (int64_t w = 0; w < width; ++w) target_u[a + w] += total[w];
-      }
+      for (int64_t e0 = 0; e0 < count; e0 += kTileInput)
+        for (int64_t a0 = 0; a0 < A; a0 += width) {
+          Vec total[kTileInput][width] = {};
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t w = 0; w < width; ++w) {
+              const Vec weight_vector = load(weight + (k * A + a0 + w) * kLanes);
+              for (int64_t t = 0; t < kTileInput; ++t)
+                if (e0 + t < count) total[t][w] += weight_vector * grad_vote[(e0 + t) * K + k];
+            }
+          for (int64_t t = 0; t < kTileInput; ++t)
+            if (e0 + t < count)
+              for (int64_t w = 0; w < width; ++w) chunk_grad_u[(e0 + t) * A + a0 + w] += total[t][w];
+        }
     }
   }
+  // lane by lane into W's and u's own layouts: dW[i, j] is K * A floats in a row, dL/du[b, i] A floats
   const int64_t lanes = std::min(kLanes, I - v * kLanes);
+  for (int64_t lane = 0; lane < lanes; ++lane) {
+    float* row = p.grad_weight + (v * kLanes + lane) * J * K * A;
+    for (int64_t jka = 0; jka < J * K * A; ++jka) row[jka] = grad_w[jka][lane];
+  }
   for (int64_t b = 0; b < B; ++b)
     for (int64_t a = 0; a < A; ++a)
       for (int64_t lane = 0; lane < lanes; ++lane)
@@ -495,13 +518,13 @@ void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* left, Ve
 
 // Input blocks first_vector, first_vector + stride, ... of block_input_and_weight_gradients.
 void input_and_weight_gradients(const Problem& p, int64_t first_vector, int64_t stride) {
-  std::vector<Vec> left(gradient_terms(p)), grad_vote(p.batch * p.pose_dim), grad_u(p.batch * p.input_dim);
-  std::vector<Vec> grad_w(p.pose_dim * p.input_dim);
+  std::vector<Vec> grad_vote(kChunk * p.pose_dim), grad_u(p.batch * p.input_dim);
+  std::vector<Vec> grad_w(p.parents * p.pose_dim * p.input_dim);
   for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
     if (p.input_dim == 8)
-      block_input_and_weight_gradients<8>(p, v, left.data(), grad_vote.data(), grad_u.data(), grad_w.data());
+      block_input_and_weight_gradients<8>(p, v, grad_vote.data(), grad_u.data(), grad_w.data());
     else
-      block_input_and_weight_gradients<0>(p, v, left.data(), grad_vote.data(), grad_u.data(), grad_w.data());
+      block_input_and_weight_gradients<0>(p, v, grad_vote.data(), grad_u.data(), grad_w.data());
   }
 }
 
