@@ -213,7 +213,7 @@ def test_registered_op_passes_torch_opcheck(leaky, bias, detach_inner_votes):
     weight = (0.1 * torch.randn(10, 3, 5, 4, generator=generator)).requires_grad_()
     bias = torch.zeros(3, 5, requires_grad=True) if bias else None
     library = CpuRoutingKernel().library_path
-    arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, library)
+    arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, True, library)
     torch.library.opcheck(torch.ops.capsnet_hf.route_class_capsules.default, arguments)
 
 
@@ -321,7 +321,9 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
     }
     for message, (capsules_, weight_, bias, iterations) in refusals.items():
         with pytest.raises(RuntimeError, match=f"refused the call: {message}"):
-            torch.ops.capsnet_hf.route_class_capsules(capsules_, weight_, bias, iterations, False, 1e-9, False, path)
+            torch.ops.capsnet_hf.route_class_capsules(
+                capsules_, weight_, bias, iterations, False, 1e-9, False, False, path
+            )
     mismatches = {
         "float32 CPU tensors": (capsules.double(), weight.double(), None),
         r"do not fit the weight \(10, 3, 5, 4\)": (torch.rand(2, 9, 4), weight, None),
@@ -329,11 +331,44 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
     }
     for message, (capsules_, weight_, bias) in mismatches.items():
         with pytest.raises(ValueError, match=message):
-            torch.ops.capsnet_hf.route_class_capsules(capsules_, weight_, bias, 3, False, 1e-9, False, path)
-    with pytest.raises(ValueError, match="gradients .* do not fit the outputs"):
-        torch.ops.capsnet_hf.route_class_capsules_backward(
-            capsules, weight, None, torch.rand(2, 3, 4), torch.rand(2, 3, 10), 3, False, 1e-9, False, path
+            torch.ops.capsnet_hf.route_class_capsules(capsules_, weight_, bias, 3, False, 1e-9, False, False, path)
+    for keep_for_backward in (True, False):
+        _, _, packed_weight, record = torch.ops.capsnet_hf.route_class_capsules(
+            capsules, weight, None, 3, False, 1e-9, False, keep_for_backward, path
         )
+        assert record.shape == (2, 3 * (2 * 16 + 2 * 3 * 5) if keep_for_backward else 0)  # J ((T - 1) P + 2 T K)
+        if keep_for_backward:
+            with pytest.raises(ValueError, match="gradients .* do not fit the outputs"):
+                torch.ops.capsnet_hf.route_class_capsules_backward(
+                    capsules,
+                    weight,
+                    packed_weight,
+                    record,
+                    None,
+                    torch.rand(2, 3, 4),
+                    torch.rand(2, 3, 10),
+                    3,
+                    False,
+                    1e-9,
+                    False,
+                    path,
+                )
+        else:
+            with pytest.raises(ValueError, match="not what route_class_capsules kept for this backward"):
+                torch.ops.capsnet_hf.route_class_capsules_backward(
+                    capsules,
+                    weight,
+                    packed_weight,
+                    record,
+                    None,
+                    torch.rand(2, 3, 5),
+                    torch.rand(2, 3, 10),
+                    3,
+                    False,
+                    1e-9,
+                    False,
+                    path,
+                )
 
 
 def test_argument_struct_layouts_must_agree():
@@ -355,6 +390,28 @@ def test_argument_struct_layouts_must_agree():
 
     with pytest.raises(KernelBuildError, match="C: no such struct"):
         cpu_routing_kernel.check_call_layout(library, Unknown)
+
+
+def test_routing_record_is_kept_only_for_a_backward(monkeypatch):
+    """The forward writes the routing record its backward reads only where autograd will need it."""
+    kept = []
+    original = cpu_routing_kernel._run
+
+    def recording(entry, call):
+        if entry.__name__ == "capsnet_route":
+            kept.append(bool(call.record))
+        return original(entry, call)
+
+    monkeypatch.setattr(cpu_routing_kernel, "_run", recording)
+    plain, fast = twin_models()
+    with torch.no_grad():
+        fast(PIXELS)
+    fast(PIXELS)  # parameters that require grad: a backward may follow
+    for parameter in fast.parameters():
+        parameter.requires_grad_(False)
+    fast(PIXELS)
+    fast(PIXELS.clone().requires_grad_())  # only the pixels' gradient wanted
+    assert kept == [False, True, False, True]
 
 
 def test_changed_weights_are_repacked():

@@ -65,7 +65,7 @@ class RoutingCall(ctypes.Structure):
     c_name = "CapsnetRoutingCall"
     _fields_ = [
         *((name, ctypes.c_void_p) for name in ("inputs", "packed_inputs", "weight", "packed_weight", "bias")),
-        *((name, ctypes.c_void_p) for name in ("poses", "coupling")),
+        *((name, ctypes.c_void_p) for name in ("poses", "coupling", "record")),
         *((name, ctypes.c_void_p) for name in ("grad_poses", "grad_coupling", "grad_inputs", "grad_weight")),
         *((name, ctypes.c_void_p) for name in ("grad_bias", "left", "right")),
         *((name, ctypes.c_int64) for name in ("batch", "inputs_per_example", "input_dim", "parents", "pose_dim")),
@@ -186,6 +186,8 @@ def _open_library(path: str) -> ctypes.CDLL:
     library.capsnet_call_layout.argtypes = [ctypes.c_char_p]
     library.capsnet_call_layout.restype = ctypes.c_char_p
     library.capsnet_lanes.restype = ctypes.c_int
+    library.capsnet_record_floats.argtypes = [ctypes.c_int64] * 4
+    library.capsnet_record_floats.restype = ctypes.c_int64
     library.capsnet_threaded.restype = ctypes.c_int
     for structure in entries:
         check_call_layout(library, structure)
@@ -213,10 +215,16 @@ def _padded(num_inputs: int, lanes: int) -> int:
     return -(-num_inputs // lanes) * lanes
 
 
-def _packed_weight_buffer(weight: Tensor, lanes: int) -> Tensor:
-    """Scratch for W [I, J, K, A] re-laid out as [P / L, J, K, A, L], which the kernel fills on every call."""
+def _forward_buffer_shapes(
+    kernel: ctypes.CDLL, batch_size: int, weight: Tensor, iterations: int, keep_for_backward: bool
+) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """What the forward fills beside its outputs: W [I, J, K, A] re-laid out as [P / L, J, K, A, L], and with
+    `keep_for_backward` the routing record its backward reads ([B, record floats], else [B, 0])."""
     num_inputs, num_classes, capsule_dim, input_dim = weight.shape
-    return weight.new_empty(_padded(num_inputs, lanes) // lanes, num_classes, capsule_dim, input_dim, lanes)
+    lanes = kernel.capsnet_lanes()
+    padded = _padded(num_inputs, lanes)
+    floats = kernel.capsnet_record_floats(num_classes, capsule_dim, padded, iterations) if keep_for_backward else 0
+    return (padded // lanes, num_classes, capsule_dim, input_dim, lanes), (batch_size, floats)
 
 
 def _checked_operands(primary_capsules: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
@@ -296,37 +304,44 @@ def route_class_capsules(
     leaky: bool,
     epsilon: float,
     detach_inner_votes: bool,
+    keep_for_backward: bool,
     library: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Class capsules u [B, I, A], W [I, J, K, A], bias [J, K] -> poses v [B, J, K] and last couplings c [B, J, I]
-    (Eq. 2, Procedure 1), as `CapsNetClassCapsules`; `library` is the kernel's path (`load_kernel_library`).
-    `detach_inner_votes` only changes the gradient."""
+    (Eq. 2, Procedure 1), as `CapsNetClassCapsules`, then the packed weight and the routing record (empty unless
+    `keep_for_backward`) that `route_class_capsules_backward` reads; `library` is the kernel's path
+    (`load_kernel_library`). `detach_inner_votes` only changes the gradient."""
     kernel = _open_library(library)
     inputs, weight, bias = _checked_operands(primary_capsules, weight, bias)
     batch_size, num_inputs, _ = inputs.shape
     _, num_classes, capsule_dim, _ = weight.shape
-    lanes = kernel.capsnet_lanes()
-    packed_weight = _packed_weight_buffer(weight, lanes)
+    packed_shape, record_shape = _forward_buffer_shapes(kernel, batch_size, weight, iterations, keep_for_backward)
+    packed_weight, record = weight.new_empty(packed_shape), inputs.new_empty(record_shape)
     poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
     coupling = inputs.new_empty(batch_size, num_classes, num_inputs)
-    call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, lanes)
+    call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, kernel.capsnet_lanes())
     call.packed_weight, call.poses, call.coupling = packed_weight.data_ptr(), poses.data_ptr(), coupling.data_ptr()
+    call.record = record.data_ptr() if keep_for_backward else None
     _run(kernel.capsnet_route, call)
-    return poses, coupling
+    return poses, coupling, packed_weight, record
 
 
 @route_class_capsules.register_fake
-def _(primary_capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, library):
+def _(primary_capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, keep_for_backward, library):
     batch_size, num_inputs, _ = primary_capsules.shape
     _, num_classes, capsule_dim, _ = weight.shape
     poses = primary_capsules.new_empty(batch_size, num_classes, capsule_dim)
-    return poses, primary_capsules.new_empty(batch_size, num_classes, num_inputs)
+    coupling = primary_capsules.new_empty(batch_size, num_classes, num_inputs)
+    shapes = _forward_buffer_shapes(_open_library(library), batch_size, weight, iterations, keep_for_backward)
+    return poses, coupling, weight.new_empty(shapes[0]), primary_capsules.new_empty(shapes[1])
 
 
 @torch.library.custom_op("capsnet_hf::route_class_capsules_backward", mutates_args=())
 def route_class_capsules_backward(
     primary_capsules: Tensor,
     weight: Tensor,
+    packed_weight: Tensor,
+    record: Tensor,
     bias: Tensor | None,
     grad_poses: Tensor,
     grad_coupling: Tensor,
@@ -337,14 +352,20 @@ def route_class_capsules_backward(
     library: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `route_class_capsules` w.r.t. u, W and the bias (zeros [J, K] without one), given those of its
-    outputs; recomputes the votes and the routing rather than reading anything saved by the forward."""
+    poses and couplings, from its inputs and the packed weight and routing record it kept (`keep_for_backward`);
+    recomputes the votes rather than saving them."""
     kernel = _open_library(library)
     inputs, weight, bias = _checked_operands(primary_capsules, weight, bias)
     batch_size, num_inputs, input_dim = inputs.shape
     _, num_classes, capsule_dim, _ = weight.shape
     lanes = kernel.capsnet_lanes()
     padded = _padded(num_inputs, lanes)
-    packed_weight = _packed_weight_buffer(weight, lanes)
+    if (packed_weight.shape, record.shape) != _forward_buffer_shapes(kernel, batch_size, weight, iterations, True):
+        raise ValueError(
+            f"the packed weight {tuple(packed_weight.shape)} or routing record {tuple(record.shape)} is not what "
+            "route_class_capsules kept for this backward (it keeps a record only with keep_for_backward)"
+        )
+    packed_weight, record = packed_weight.contiguous(), record.contiguous()
     # the inputs as [P / L, B, A, L], input-block major for the second phase, which runs over input blocks
     packed_inputs = inputs.new_empty(padded // lanes, batch_size, input_dim, lanes)
     terms = 1 if detach_inner_votes else 2 * iterations - 1
@@ -361,7 +382,11 @@ def route_class_capsules_backward(
     grad_weight = torch.empty_like(weight)
     grad_bias = inputs.new_empty(batch_size, num_classes, capsule_dim)
     call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, lanes)
-    call.packed_inputs, call.packed_weight = packed_inputs.data_ptr(), packed_weight.data_ptr()
+    call.packed_inputs, call.packed_weight, call.record = (
+        packed_inputs.data_ptr(),
+        packed_weight.data_ptr(),
+        record.data_ptr(),
+    )
     call.grad_poses, call.grad_coupling = grad_poses.data_ptr(), grad_coupling.data_ptr()
     call.grad_inputs, call.grad_weight, call.grad_bias = (
         grad_inputs.data_ptr(),
@@ -375,24 +400,37 @@ def route_class_capsules_backward(
 
 @route_class_capsules_backward.register_fake
 def _(
-    primary_capsules, weight, bias, grad_poses, grad_coupling, iterations, leaky, epsilon, detach_inner_votes, library
+    primary_capsules,
+    weight,
+    packed_weight,
+    record,
+    bias,
+    grad_poses,
+    grad_coupling,
+    iterations,
+    leaky,
+    epsilon,
+    detach_inner_votes,
+    library,
 ):
     return torch.empty_like(primary_capsules), torch.empty_like(weight), weight.new_empty(weight.shape[1:3])
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    primary_capsules, weight, bias, *settings = inputs
+    primary_capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, _, library = inputs
+    _, _, packed_weight, record = output
+    ctx.mark_non_differentiable(packed_weight, record)
     # The weight itself, so that autograd refuses a backward after it was changed in place (version check).
-    ctx.save_for_backward(primary_capsules, weight, bias)
-    ctx.settings = settings
+    ctx.save_for_backward(primary_capsules, weight, packed_weight, record, bias)
+    ctx.settings = iterations, leaky, epsilon, detach_inner_votes, library
 
 
-def _backward(ctx, grad_poses: Tensor, grad_coupling: Tensor):
-    primary_capsules, weight, bias = ctx.saved_tensors
+def _backward(ctx, grad_poses: Tensor, grad_coupling: Tensor, _grad_packed_weight, _grad_record):
+    primary_capsules, weight, packed_weight, record, bias = ctx.saved_tensors
     grad_inputs, grad_weight, grad_bias = route_class_capsules_backward(
-        primary_capsules, weight, bias, grad_poses, grad_coupling, *ctx.settings
+        primary_capsules, weight, packed_weight, record, bias, grad_poses, grad_coupling, *ctx.settings
     )
-    return grad_inputs, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
+    return grad_inputs, grad_weight, None if bias is None else grad_bias, None, None, None, None, None, None
 
 
 route_class_capsules.register_autograd(_backward, setup_context=_setup_context)
@@ -489,8 +527,8 @@ class CpuRoutingKernel:
     """What `enable_cpu_routing_kernel` sets as a class-capsule layer's `routing_kernel`: the layer routes the inputs
     the kernel `supports` with it, (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings [B, J, I].
 
-    The weight is re-laid out on every call: a cached copy cannot tell when the weight has changed, since in-place
-    updates such as torch's fused Adam do not bump its version.
+    The weight is re-laid out on every forward call (its backward reuses that copy): a cached copy cannot tell when
+    the weight has changed, since in-place updates such as torch's fused Adam do not bump its version.
     """
 
     def __init__(self, cache_dir: str | None = None):
@@ -508,7 +546,9 @@ class CpuRoutingKernel:
                 f"primary capsules of shape {tuple(primary_capsules.shape)} do not fit this layer's weight "
                 f"{tuple(layer.weight.shape)}: expected (batch, {num_inputs}, {input_dim})"
             )
-        return route_class_capsules(
+        # the routing record costs the forward a write of ~100 KB per example, which inference need not pay
+        keep_for_backward = torch.is_grad_enabled() and (primary_capsules.requires_grad or layer.weight.requires_grad)
+        poses, coupling, _, _ = route_class_capsules(
             primary_capsules,
             layer.weight,
             layer.bias,
@@ -516,8 +556,10 @@ class CpuRoutingKernel:
             layer.leaky_routing,
             layer.epsilon,
             layer.detach_inner_votes,
+            keep_for_backward,
             self.library_path,
         )
+        return poses, coupling
 
 
 class CpuPrimaryCapsulesKernel:

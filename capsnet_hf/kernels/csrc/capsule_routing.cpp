@@ -12,19 +12,21 @@
 // next weighted sum s_j, for L input capsules at a time. Float32 throughout; results differ from the torch path by
 // float rounding only (summation order, a polynomial exp).
 //
-// The backward (capsnet_route_backward) saves nothing from the forward: per example it recomputes the votes and the
-// routing (keeping every iteration's couplings), then walks the iterations back with one pass over the votes each,
-// and writes dL/du_hat as a sum of rank-one terms per parent (2T - 1 of them). A second parallel phase, over input
-// blocks instead of examples, turns those terms into dL/du and dL/dW, so that no thread needs its own copy of dL/dW.
+// For a backward the forward keeps each example's routing record (every iteration's couplings, s_j and v_j) and the
+// packed weight; the backward (capsnet_route_backward) recomputes the votes only, then walks the iterations back with
+// one pass over the votes each, and writes dL/du_hat as a sum of rank-one terms per parent (2T - 1 of them). A second
+// parallel phase, over input blocks instead of examples, turns those terms into dL/du and dL/dW, so that no thread
+// needs its own copy of dL/dW.
 //
 // Layouts (L = kLanes, P = I rounded up to a multiple of L, padding capsules have zero votes):
 //   inputs         [B, I, A]           primary capsules u_i
 //   packed_inputs  [P / L, B, A, L]    the same, input-block major, zero padded (backward only; scratch)
 //   weight         [I, J, K, A]        W[i, j, k, a], the layer's own layout (grad_weight too)
-//   packed_weight  [P / L, J, K, A, L] W re-laid out by each call (scratch): i = block * L + lane
+//   packed_weight  [P / L, J, K, A, L] W re-laid out by the forward (and read by the backward): i = block * L + lane
 //   bias           [J, K] or null      added to every s_j
 //   poses          [B, J, K]           v_j of the last iteration (forward output)
 //   coupling       [B, J, I]           c_ij of the last iteration (forward output)
+//   record         [B, record floats]  what routing leaves for the backward (RoutingRecord; forward output or null)
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -100,6 +102,7 @@ struct CapsnetRoutingCall {
   const float* bias;
   float* poses;
   float* coupling;
+  float* record;
   const float* grad_poses;     // [B, J, K]
   const float* grad_coupling;  // [B, J, I] or null
   float* grad_inputs;          // [B, I, A]
@@ -120,12 +123,23 @@ using Problem = CapsnetRoutingCall;
 // right = dL/ds_t, and left = the accumulated dL/dlogits with right = v_(t-1)); the votes are never written out.
 int64_t gradient_terms(const Problem& p) { return p.detach_inner_votes ? 1 : 2 * p.iterations - 1; }
 
-// What routing one example leaves behind for its backward pass (per iteration t).
+// What routing one example leaves behind for its backward pass (per iteration t), in p.record.
 struct RoutingRecord {
-  std::vector<float> couplings;       // [T, J, P]: c_t (t >= 1; t = 0 is uniform and not stored)
-  std::vector<float> preactivations;  // [T, J, K]: s_t with the bias
-  std::vector<float> poses;           // [T, J, K]: v_t
+  float* couplings;       // [T - 1, J, P]: c_t for t >= 1 (c_0 is uniform)
+  float* preactivations;  // [T, J, K]: s_t with the bias
+  float* poses;           // [T, J, K]: v_t
 };
+
+int64_t record_floats(int64_t parents, int64_t pose_dim, int64_t padded_inputs, int64_t iterations) {
+  return parents * ((iterations - 1) * padded_inputs + 2 * iterations * pose_dim);
+}
+
+RoutingRecord example_record(const Problem& p, int64_t b) {
+  const int64_t J = p.parents, JK = J * p.pose_dim, T = p.iterations;
+  float* base = p.record + b * record_floats(J, p.pose_dim, p.padded_inputs, T);
+  float* preactivations = base + (T - 1) * J * p.padded_inputs;
+  return RoutingRecord{base, preactivations, preactivations + T * JK};
+}
 
 // Eq. 1 as v = f(n) s with n = |s|^2: f(n) = n / ((1 + n) sqrt(n + eps)), finite at n = 0 for eps > 0. Shared by the
 // class capsules (float) and the primary capsules (double).
@@ -277,8 +291,8 @@ void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, 
   const float* example_votes = ws.example_votes(p, e);
   const auto keep = [&](int64_t iteration) {
     if (!record) return;
-    std::memcpy(record->preactivations.data() + iteration * JK, ws.preactivation.data(), JK * sizeof(float));
-    std::memcpy(record->poses.data() + iteration * JK, ws.poses.data(), JK * sizeof(float));
+    std::memcpy(record->preactivations + iteration * JK, ws.preactivation.data(), JK * sizeof(float));
+    std::memcpy(record->poses + iteration * JK, ws.poses.data(), JK * sizeof(float));
   };
   // First iteration: zero logits, uniform couplings 1/J (1/(J + 1) with the leak).
   for (int64_t jk = 0; jk < JK; ++jk) ws.preactivation[jk] = lane_sum(ws.first_sums[e * JK + jk]) * uniform;
@@ -287,7 +301,7 @@ void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, 
   if (p.iterations == 1 && coupling) std::fill(coupling, coupling + J * I, uniform);
   for (int64_t iteration = 1; iteration < p.iterations; ++iteration) {
     const bool last = iteration == p.iterations - 1;
-    float* kept_couplings = record ? record->couplings.data() + iteration * J * P : nullptr;
+    float* kept_couplings = record ? record->couplings + (iteration - 1) * J * P : nullptr;
     for (int64_t jk = 0; jk < JK; ++jk) {
       ws.broadcast_poses[jk] = broadcast(ws.poses[jk]);
       ws.sums[jk] = Vec{};
@@ -339,7 +353,8 @@ void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
     const int64_t first = block_index * block, count = std::min(block, p.batch - first);
     compute_block_votes(p, ws, first, count);
     for (int64_t e = 0; e < count; ++e) {
-      route_example(p, ws, e, p.coupling + (first + e) * J * p.inputs_per_example, nullptr);
+      RoutingRecord record = p.record ? example_record(p, first + e) : RoutingRecord{};
+      route_example(p, ws, e, p.coupling + (first + e) * J * p.inputs_per_example, p.record ? &record : nullptr);
       std::memcpy(p.poses + (first + e) * JK, ws.poses.data(), JK * sizeof(float));
     }
   }
@@ -373,9 +388,9 @@ void backprop_example(const Problem& p, Workspace& ws, int64_t e, int64_t b,
   };
   for (int64_t iteration = p.iterations - 1; iteration >= 0; --iteration) {
     const bool last = iteration == p.iterations - 1;
-    squash_backward(p, record.preactivations.data() + iteration * JK, grad_poses.data(), grad_preactivation.data());
+    squash_backward(p, record.preactivations + iteration * JK, grad_poses.data(), grad_preactivation.data());
     for (int64_t jk = 0; jk < JK; ++jk) grad_bias[jk] += grad_preactivation[jk];
-    const float* coupling = iteration > 0 ? record.couplings.data() + iteration * J * P : nullptr;
+    const float* coupling = iteration > 0 ? record.couplings + (iteration - 1) * J * P : nullptr;
     if (last || !p.detach_inner_votes) add_term(coupling, uniform, grad_preactivation.data());
     if (iteration == 0) break;  // the first couplings come from constant zero logits
     // The forward's buffers, reused: broadcast_poses holds dL/ds_j, couplings dL/dc_ij, sums dL/dv_(t-1).
@@ -411,25 +426,22 @@ void backprop_example(const Problem& p, Workspace& ws, int64_t e, int64_t b,
     }
     // dL/dv_(t-1) = sum_i dL/dlogits_ij u_hat_{j|i}: v_(t-1) enters every later iteration's logits.
     for (int64_t jk = 0; jk < JK; ++jk) grad_poses[jk] = lane_sum(ws.sums[jk]);
-    if (!p.detach_inner_votes) add_term(grad_logits.data(), 0.0f, record.poses.data() + (iteration - 1) * JK);
+    if (!p.detach_inner_votes) add_term(grad_logits.data(), 0.0f, record.poses + (iteration - 1) * JK);
   }
 }
 
-// Recomputes the votes and routing of blocks first_block, first_block + stride, ... and backpropagates through them.
+// Recomputes the votes of blocks first_block, first_block + stride, ... and backpropagates through their routing.
 void backprop_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   const int64_t J = p.parents, JK = J * p.pose_dim, P = p.padded_inputs, block = p.examples_per_block;
   Workspace ws(p);
-  RoutingRecord record{std::vector<float>(p.iterations * J * P), std::vector<float>(p.iterations * JK),
-                       std::vector<float>(p.iterations * JK)};
   std::vector<float> grad_poses(JK), grad_preactivation(JK), grad_logits(J * P);
   const int64_t num_blocks = (p.batch + block - 1) / block;
   for (int64_t block_index = first_block; block_index < num_blocks; block_index += stride) {
     const int64_t first = block_index * block, count = std::min(block, p.batch - first);
     compute_block_votes(p, ws, first, count);
-    for (int64_t e = 0; e < count; ++e) {
-      route_example(p, ws, e, nullptr, &record);
-      backprop_example(p, ws, e, first + e, record, grad_poses, grad_preactivation, grad_logits);
-    }
+    for (int64_t e = 0; e < count; ++e)
+      backprop_example(p, ws, e, first + e, example_record(p, first + e), grad_poses, grad_preactivation,
+                       grad_logits);
   }
 }
 
@@ -528,18 +540,20 @@ void input_and_weight_gradients(const Problem& p, int64_t first_vector, int64_t 
   }
 }
 
-// packed_weight (and with packed_inputs also packed_inputs) of input blocks first_vector, first_vector + stride, ...
-// from weight and inputs; the padding capsules' lanes are zero.
-void pack_blocks(const Problem& p, int64_t first_vector, int64_t stride, bool pack_inputs) {
+// packed_weight of input blocks first_vector, first_vector + stride, ... from weight (forward), or packed_inputs from
+// inputs (backward); the padding capsules' lanes are zero.
+void pack_blocks(const Problem& p, int64_t first_vector, int64_t stride, bool backward) {
   const int64_t I = p.inputs_per_example, A = p.input_dim, JKA = p.parents * p.pose_dim * A;
   for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
     const int64_t lanes = std::min(kLanes, I - v * kLanes);
-    float* packed = p.packed_weight + v * JKA * kLanes;
-    const float* rows = p.weight + v * kLanes * JKA;  // lane's row at rows + lane * JKA
-    for (int64_t jka = 0; jka < JKA; ++jka)
-      for (int64_t lane = 0; lane < kLanes; ++lane)
-        packed[jka * kLanes + lane] = lane < lanes ? rows[lane * JKA + jka] : 0.0f;
-    if (!pack_inputs) continue;
+    if (!backward) {
+      float* packed = p.packed_weight + v * JKA * kLanes;
+      const float* rows = p.weight + v * kLanes * JKA;  // lane's row at rows + lane * JKA
+      for (int64_t jka = 0; jka < JKA; ++jka)
+        for (int64_t lane = 0; lane < kLanes; ++lane)
+          packed[jka * kLanes + lane] = lane < lanes ? rows[lane * JKA + jka] : 0.0f;
+      continue;
+    }
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t a = 0; a < A; ++a)
         for (int64_t lane = 0; lane < kLanes; ++lane)
@@ -595,6 +609,7 @@ const char* invalid_call(const Problem* p, bool backward) {
     if (p->batch > 0 && (!p->inputs || !p->packed_inputs || !p->grad_poses || !p->grad_inputs || !p->grad_bias ||
                          !p->left || !p->right))
       return "an input, gradient or scratch buffer is missing";
+    if (p->batch > 0 && !p->record) return "the forward's routing record is missing";
   }
   return nullptr;
 }
@@ -707,6 +722,11 @@ const char* invalid_primary_call(const CapsnetPrimaryCall* p, bool backward) {
 
 extern "C" int capsnet_lanes() { return kLanes; }
 
+// Floats of one example's routing record (the forward's record is [B, this]).
+extern "C" int64_t capsnet_record_floats(int64_t parents, int64_t pose_dim, int64_t padded, int64_t iterations) {
+  return record_floats(parents, pose_dim, padded, iterations);
+}
+
 extern "C" int capsnet_threaded() {
 #ifdef _OPENMP
   return 1;
@@ -723,10 +743,10 @@ extern "C" const char* capsnet_call_layout(const char* struct_name) {
 #define F(name) CAPSNET_FIELD(CapsnetRoutingCall, name)
   static const std::string routing =
       std::string() + F(inputs) + F(packed_inputs) + F(weight) + F(packed_weight) + F(bias) + F(poses) +
-      F(coupling) + F(grad_poses) + F(grad_coupling) + F(grad_inputs) + F(grad_weight) + F(grad_bias) + F(left) +
-      F(right) + F(batch) + F(inputs_per_example) + F(input_dim) + F(parents) + F(pose_dim) + F(padded_inputs) +
-      F(iterations) + F(examples_per_block) + F(leaky) + F(detach_inner_votes) + F(threads) + F(epsilon) +
-      "size:" + std::to_string(sizeof(CapsnetRoutingCall));
+      F(coupling) + F(record) + F(grad_poses) + F(grad_coupling) + F(grad_inputs) + F(grad_weight) + F(grad_bias) +
+      F(left) + F(right) + F(batch) + F(inputs_per_example) + F(input_dim) + F(parents) + F(pose_dim) +
+      F(padded_inputs) + F(iterations) + F(examples_per_block) + F(leaky) + F(detach_inner_votes) + F(threads) +
+      F(epsilon) + "size:" + std::to_string(sizeof(CapsnetRoutingCall));
 #undef F
 #define F(name) CAPSNET_FIELD(CapsnetPrimaryCall, name)
   static const std::string primary =
@@ -741,7 +761,8 @@ extern "C" const char* capsnet_call_layout(const char* struct_name) {
 }
 #undef CAPSNET_FIELD
 
-// Poses and last couplings of a batch (inputs, weight, bias -> poses, coupling). Null, or why it did not run.
+// Poses and last couplings of a batch (inputs, weight, bias -> poses, coupling, packed_weight, and with record not
+// null what its backward reads). Null, or why it did not run.
 extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
   if (const char* error = invalid_call(call, false)) return error;
   if (const char* error =
@@ -751,8 +772,8 @@ extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
 }
 
 // Gradients of capsnet_route's poses and couplings (grad_poses, grad_coupling) w.r.t. the inputs, the weight and the
-// bias (per example), from inputs, weight and bias; recomputes the votes and the routing. Null, or why it did not
-// run.
+// bias (per example), from inputs, bias and what the forward left in packed_weight and record; recomputes the votes.
+// Null, or why it did not run.
 extern "C" const char* capsnet_route_backward(const CapsnetRoutingCall* call) {
   if (const char* error = invalid_call(call, true)) return error;
   if (const char* error =
