@@ -332,43 +332,30 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
     for message, (capsules_, weight_, bias) in mismatches.items():
         with pytest.raises(ValueError, match=message):
             torch.ops.capsnet_hf.route_class_capsules(capsules_, weight_, bias, 3, False, 1e-9, False, False, path)
-    for keep_for_backward in (True, False):
+    backward_refusals = {
+        True: ("gradients .* do not fit the outputs", torch.rand(2, 3, 4)),  # poses' gradient of the wrong size
+        False: ("not what route_class_capsules kept for this backward", torch.rand(2, 3, 5)),
+    }
+    for keep_for_backward, (message, grad_poses) in backward_refusals.items():
         _, _, packed_weight, record = torch.ops.capsnet_hf.route_class_capsules(
             capsules, weight, None, 3, False, 1e-9, False, keep_for_backward, path
         )
         assert record.shape == (2, 3 * (2 * 16 + 2 * 3 * 5) if keep_for_backward else 0)  # J ((T - 1) P + 2 T K)
-        if keep_for_backward:
-            with pytest.raises(ValueError, match="gradients .* do not fit the outputs"):
-                torch.ops.capsnet_hf.route_class_capsules_backward(
-                    capsules,
-                    weight,
-                    packed_weight,
-                    record,
-                    None,
-                    torch.rand(2, 3, 4),
-                    torch.rand(2, 3, 10),
-                    3,
-                    False,
-                    1e-9,
-                    False,
-                    path,
-                )
-        else:
-            with pytest.raises(ValueError, match="not what route_class_capsules kept for this backward"):
-                torch.ops.capsnet_hf.route_class_capsules_backward(
-                    capsules,
-                    weight,
-                    packed_weight,
-                    record,
-                    None,
-                    torch.rand(2, 3, 5),
-                    torch.rand(2, 3, 10),
-                    3,
-                    False,
-                    1e-9,
-                    False,
-                    path,
-                )
+        with pytest.raises(ValueError, match=message):
+            torch.ops.capsnet_hf.route_class_capsules_backward(
+                capsules,
+                weight,
+                packed_weight,
+                record,
+                None,
+                grad_poses,
+                torch.rand(2, 3, 10),
+                3,
+                False,
+                1e-9,
+                False,
+                path,
+            )
 
 
 def test_argument_struct_layouts_must_agree():
