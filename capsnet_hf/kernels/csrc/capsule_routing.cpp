@@ -540,20 +540,26 @@ void input_and_weight_gradients(const Problem& p, int64_t first_vector, int64_t 
   }
 }
 
-// packed_weight of input blocks first_vector, first_vector + stride, ... from weight (forward), or packed_inputs from
-// inputs (backward); the padding capsules' lanes are zero.
-void pack_blocks(const Problem& p, int64_t first_vector, int64_t stride, bool backward) {
-  const int64_t I = p.inputs_per_example, A = p.input_dim, JKA = p.parents * p.pose_dim * A;
+// packed_weight of input blocks first_vector, first_vector + stride, ... from weight (the forward's); the padding
+// capsules' lanes are zero.
+void pack_weight_blocks(const Problem& p, int64_t first_vector, int64_t stride) {
+  const int64_t I = p.inputs_per_example, JKA = p.parents * p.pose_dim * p.input_dim;
   for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
     const int64_t lanes = std::min(kLanes, I - v * kLanes);
-    if (!backward) {
-      float* packed = p.packed_weight + v * JKA * kLanes;
-      const float* rows = p.weight + v * kLanes * JKA;  // lane's row at rows + lane * JKA
-      for (int64_t jka = 0; jka < JKA; ++jka)
-        for (int64_t lane = 0; lane < kLanes; ++lane)
-          packed[jka * kLanes + lane] = lane < lanes ? rows[lane * JKA + jka] : 0.0f;
-      continue;
-    }
+    float* packed = p.packed_weight + v * JKA * kLanes;
+    const float* rows = p.weight + v * kLanes * JKA;  // lane's row at rows + lane * JKA
+    for (int64_t jka = 0; jka < JKA; ++jka)
+      for (int64_t lane = 0; lane < kLanes; ++lane)
+        packed[jka * kLanes + lane] = lane < lanes ? rows[lane * JKA + jka] : 0.0f;
+  }
+}
+
+// packed_inputs of input blocks first_vector, first_vector + stride, ... from inputs (the backward's); the padding
+// capsules' lanes are zero.
+void pack_input_blocks(const Problem& p, int64_t first_vector, int64_t stride) {
+  const int64_t I = p.inputs_per_example, A = p.input_dim;
+  for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
+    const int64_t lanes = std::min(kLanes, I - v * kLanes);
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t a = 0; a < A; ++a)
         for (int64_t lane = 0; lane < kLanes; ++lane)
@@ -766,7 +772,7 @@ extern "C" const char* capsnet_call_layout(const char* struct_name) {
 extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
   if (const char* error = invalid_call(call, false)) return error;
   if (const char* error =
-          run_parallel(call->threads, [&](int thread, int count) { pack_blocks(*call, thread, count, false); }))
+          run_parallel(call->threads, [&](int thread, int count) { pack_weight_blocks(*call, thread, count); }))
     return error;
   return run_parallel(call->threads, [&](int thread, int count) { route_blocks(*call, thread, count); });
 }
@@ -777,7 +783,7 @@ extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
 extern "C" const char* capsnet_route_backward(const CapsnetRoutingCall* call) {
   if (const char* error = invalid_call(call, true)) return error;
   if (const char* error =
-          run_parallel(call->threads, [&](int thread, int count) { pack_blocks(*call, thread, count, true); }))
+          run_parallel(call->threads, [&](int thread, int count) { pack_input_blocks(*call, thread, count); }))
     return error;
   if (const char* error = run_parallel(call->threads, [&](int thread, int count) {
         backprop_blocks(*call, thread, count);
