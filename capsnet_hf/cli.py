@@ -89,6 +89,18 @@ def use_cpu_threads(choice: int | str, device: Any) -> str | None:
     return f"CPU threads: {threads} (auto: accelerate launch set OMP_NUM_THREADS=1; --cpu_threads 1 keeps one thread)"
 
 
+def threads_and_precision(cpu_threads: int | str, mixed_precision: str | None) -> tuple[str, list[str]]:
+    """What `capsnet-train` and `capsnet-eval` settle before building their Accelerator, whose precision is fixed at
+    construction: `--cpu_threads` applied (on the CPU), then `--mixed_precision` resolved, since its bf16 probe is
+    timed on those threads. Returns accelerate's precision value and the lines for the log."""
+    from .training.mixed_precision import accelerate_device, describe, resolve_mixed_precision
+
+    device = accelerate_device()
+    threads_note = use_cpu_threads(cpu_threads, device)
+    precision, reason = resolve_mixed_precision(mixed_precision, device)
+    return precision, [f"precision: {describe(precision)} ({reason})", *([threads_note] if threads_note else [])]
+
+
 TRUE_WORDS = ("1", "true", "yes", "y", "on")
 FALSE_WORDS = ("0", "false", "no", "n", "off")
 

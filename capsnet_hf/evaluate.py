@@ -27,14 +27,14 @@ from .cli import (
     load_model_and_processor,
     positive_int,
     run_command,
-    use_cpu_threads,
+    threads_and_precision,
     write_aside,
 )
 from .data.batching import BatchTransform
 from .data.splits import load_splits
 from .kernels.cpu_routing import KernelBuildError, cpu_routing_kernel_mode, use_cpu_routing_kernel
 from .training import metrics
-from .training.mixed_precision import MIXED_PRECISION_CHOICES, accelerate_device, describe, resolve_mixed_precision
+from .training.mixed_precision import MIXED_PRECISION_CHOICES
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, id2label: dict[int, str]) -> dict[str, Any]:
@@ -198,14 +198,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     paths = args.ensemble or [args.model_name_or_path]
-    device = accelerate_device()
-    threads_note = use_cpu_threads(args.cpu_threads, device)  # before the precision probe, which it times
-    precision, precision_reason = resolve_mixed_precision(args.mixed_precision, device)
+    precision, notes = threads_and_precision(args.cpu_threads, args.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision)
     if accelerator.is_main_process:
-        print(f"precision: {describe(precision)} ({precision_reason})", file=sys.stderr)  # stdout is the JSON
-        if threads_note:
-            print(threads_note, file=sys.stderr)
+        print("\n".join(notes), file=sys.stderr)  # stdout is the JSON
     models, processor = load_models(paths, args.trust_remote_code)
     kernel_notes = []
     for path, model in zip(paths, models, strict=True):

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .cli import UsageError, lock_output_dir, run_command, use_cpu_threads
+from .cli import UsageError, lock_output_dir, run_command, threads_and_precision
 from .data.batching import BatchTransform, EpochOrder, make_generator
 from .data.splits import load_splits
 from .kernels.cpu_routing import KernelBuildError, use_cpu_routing_kernel
@@ -49,7 +49,6 @@ from .training.checkpoints import (
     run_identity,
     save_checkpoint,
 )
-from .training.mixed_precision import accelerate_device, describe, resolve_mixed_precision
 from .training.model_folder import TrainingRecord, save_best_model, save_model_folder
 from .training.optimization import create_optimizer, decayed_learning_rate_factor
 
@@ -143,19 +142,15 @@ def create_accelerator(args):
     `--cpu_threads` has set torch's threads."""
     from accelerate import Accelerator
 
-    device = accelerate_device()
-    threads_note = use_cpu_threads(args.cpu_threads, device)  # before the precision probe, which it times
-    precision, reason = resolve_mixed_precision(args.mixed_precision, device)
+    precision, notes = threads_and_precision(args.cpu_threads, args.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to.split(","),
         project_dir=args.output_dir,
     )
-    accelerator.print(f"precision: {describe(precision)} ({reason})")
+    accelerator.print("\n".join(notes))
     args.mixed_precision = precision  # what ran, for the model card
-    if threads_note:
-        accelerator.print(threads_note)
     return accelerator
 
 
