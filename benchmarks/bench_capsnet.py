@@ -20,8 +20,8 @@ state, and a fixed order would always give each variant the same predecessor):
   compile time of the first call is reported apart);
 - with ``--precision bf16`` (``fp32`` is the default, both may be given): ``conv_fwd_bf16``, ``conv_fwd_bwd_bf16``,
   ``infer_bf16``, ``train_bf16`` (and ``infer_kernel_bf16``, ``train_kernel_bf16``), the same calls under bf16
-  autocast, each measured against the bf16 bound (the kernel itself computes in float32: the primary capsules and
-  the weight reach it in float32 under autocast).
+  autocast, each measured against the bf16 bound (the kernel computes in float32 under autocast, but for its votes
+  from bf16-rounded operands where the CPU has AVX512-BF16).
 
 Times are medians (and minima) over ``--repeats`` rounds after ``--warmup`` rounds. ``--memory`` also measures one
 training step, plain and with the memory saver: the peak of tensor memory allocated during the step above what was

@@ -213,8 +213,96 @@ def test_registered_op_passes_torch_opcheck(leaky, bias, detach_inner_votes):
     weight = (0.1 * torch.randn(10, 3, 5, 4, generator=generator)).requires_grad_()
     bias = torch.zeros(3, 5, requires_grad=True) if bias else None
     library = CpuRoutingKernel().library_path
-    arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, True, library)
+    arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, True, False, library)
     torch.library.opcheck(torch.ops.capsnet_hf.route_class_capsules.default, arguments)
+
+
+BF16_VOTES = CpuRoutingKernel().bf16_votes
+needs_bf16_votes = pytest.mark.skipif(not BF16_VOTES, reason="this CPU or compiler has no AVX512-BF16")
+
+
+def routed_with_gradients(capsules, weight, bias, bf16_votes, leaky=True, iterations=3, detach_inner_votes=False):
+    """The op's outputs and the gradients of a fixed function of them w.r.t. capsules, weight and bias."""
+    leaves = [tensor.detach().requires_grad_() for tensor in (capsules, weight) + (() if bias is None else (bias,))]
+    poses, coupling, _, _ = torch.ops.capsnet_hf.route_class_capsules(
+        *leaves[:2],
+        leaves[2] if bias is not None else None,
+        iterations,
+        leaky,
+        1e-9,
+        detach_inner_votes,
+        True,
+        bf16_votes,
+        CpuRoutingKernel().library_path,
+    )
+    mix = torch.linspace(-1, 1, poses[0].numel()).view(poses.shape[1:])
+    loss = (poses * mix).sum() + (coupling * coupling).sum()
+    return [poses.detach(), coupling.detach(), *torch.autograd.grad(loss, leaves)]
+
+
+@needs_bf16_votes
+@pytest.mark.parametrize(
+    "batch_size, num_inputs, input_dim, leaky, iterations, bias, detach_inner_votes",
+    [(5, 50, 8, True, 3, True, False), (1, 40, 5, False, 1, False, False), (4, 33, 8, False, 2, True, True)],
+)
+def test_bf16_votes_are_the_float32_kernel_of_the_rounded_operands(
+    batch_size, num_inputs, input_dim, leaky, iterations, bias, detach_inner_votes
+):
+    """bf16 votes (vdpbf16ps on bf16 pairs of input dimensions, an odd one padded) route exactly as the float32 kernel
+    does on bf16-rounded capsules and weight, and their gradients are the float32 kernel's w.r.t. those rounded
+    operands (straight-through); 50 and 33 inputs are not whole 16-lane blocks."""
+    generator = torch.Generator().manual_seed(0)
+    capsules = torch.rand(batch_size, num_inputs, input_dim, generator=generator) - 0.5
+    weight = 0.3 * torch.randn(num_inputs, 3, 5, input_dim, generator=generator)
+    routing_bias = 0.1 * torch.randn(3, 5, generator=generator) if bias else None
+    options = dict(leaky=leaky, iterations=iterations, detach_inner_votes=detach_inner_votes)
+    actual = routed_with_gradients(capsules, weight, routing_bias, True, **options)
+    rounded = [tensor.bfloat16().float() for tensor in (capsules, weight)]
+    expected = routed_with_gradients(*rounded, routing_bias, False, **options)
+    for name, got, wanted in zip(["poses", "coupling", "capsules", "weight", "bias"], actual, expected, strict=False):
+        torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-6, msg=name)
+    unrounded = routed_with_gradients(capsules, weight, routing_bias, False, **options)
+    assert not torch.equal(actual[0], unrounded[0])  # the rounding did happen
+
+
+@needs_bf16_votes
+def test_bf16_votes_follow_cpu_bf16_autocast(monkeypatch):
+    """The model asks for bf16 votes under CPU bf16 autocast only; the outputs stay within bf16 rounding of the
+    torch path's under the same autocast."""
+    asked = []
+    original = cpu_routing_kernel._run
+
+    def recording(entry, call):
+        if entry.__name__ in ("capsnet_route", "capsnet_route_backward"):
+            asked.append(bool(call.bf16_votes))
+        return original(entry, call)
+
+    monkeypatch.setattr(cpu_routing_kernel, "_run", recording)
+    plain, fast = twin_models()
+    fast.train(), plain.train()
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fast(PIXELS, labels=labels).loss
+        expected = plain(PIXELS, labels=labels).loss
+    loss.backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        fast(PIXELS)
+    fast(PIXELS)
+    assert asked == [True, True, False, False]
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=1e-3)
+
+
+def test_bf16_votes_are_refused_by_a_build_without_them():
+    library = load_kernel_library()
+    call = cpu_routing_kernel.RoutingCall(  # 16 inputs: whole blocks of 8 or 16 lanes
+        batch=1, inputs_per_example=16, padded_inputs=16, input_dim=2, parents=1, pose_dim=1, iterations=1
+    )
+    call.examples_per_block, call.threads, call.bf16_votes = 1, 1, 1
+    refusal = library.capsnet_route(call)
+    if library.capsnet_bf16_votes():
+        assert refusal == b"the weight or its packed buffer is missing"  # past the bf16 check
+    else:
+        assert refusal == b"this build has no bf16 votes (they need AVX-512 and AVX512-BF16)"
 
 
 def primary_layer_twins(**overrides):
@@ -322,7 +410,7 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
     for message, (capsules_, weight_, bias, iterations) in refusals.items():
         with pytest.raises(RuntimeError, match=f"refused the call: {message}"):
             torch.ops.capsnet_hf.route_class_capsules(
-                capsules_, weight_, bias, iterations, False, 1e-9, False, False, path
+                capsules_, weight_, bias, iterations, False, 1e-9, False, False, False, path
             )
     mismatches = {
         "float32 CPU tensors": (capsules.double(), weight.double(), None),
@@ -331,14 +419,16 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
     }
     for message, (capsules_, weight_, bias) in mismatches.items():
         with pytest.raises(ValueError, match=message):
-            torch.ops.capsnet_hf.route_class_capsules(capsules_, weight_, bias, 3, False, 1e-9, False, False, path)
+            torch.ops.capsnet_hf.route_class_capsules(
+                capsules_, weight_, bias, 3, False, 1e-9, False, False, False, path
+            )
     backward_refusals = {
         True: ("gradients .* do not fit the outputs", torch.rand(2, 3, 4)),  # poses' gradient of the wrong size
         False: ("not what route_class_capsules kept for this backward", torch.rand(2, 3, 5)),
     }
     for keep_for_backward, (message, grad_poses) in backward_refusals.items():
         _, _, packed_weight, record = torch.ops.capsnet_hf.route_class_capsules(
-            capsules, weight, None, 3, False, 1e-9, False, keep_for_backward, path
+            capsules, weight, None, 3, False, 1e-9, False, keep_for_backward, False, path
         )
         assert record.shape == (2, 3 * (2 * 16 + 2 * 3 * 5) if keep_for_backward else 0)  # J ((T - 1) P + 2 T K)
         with pytest.raises(ValueError, match=message):
@@ -353,6 +443,7 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
                 3,
                 False,
                 1e-9,
+                False,
                 False,
                 path,
             )

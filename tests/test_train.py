@@ -282,7 +282,7 @@ def test_cpu_routing_kernel_is_the_default_and_trains_like_the_torch_path(tmp_pa
     )
     weights = []
     for name, flags in (("torch", ["--cpu_routing_kernel", "false"]), ("kernel", [])):
-        # float32: under bf16 autocast the torch path's votes are bf16, the kernel's float32
+        # float32: under bf16 autocast the two paths round the votes differently
         train(tiny_args(tiny_dataset, tmp_path / name, "--max_train_steps", "3", "--mixed_precision", "no", *flags))
         weights.append(load_file(tmp_path / name / "model.safetensors"))
         if name == "torch":

@@ -18,7 +18,9 @@ For a library they are opt-in, since they run a compiler on the user's machine: 
 attaches them to every class- and primary-capsule layer, which then use them for float32 CPU inputs (the primary
 capsules also for bf16/fp16 ones under autocast), in inference and training, eager or compiled, on
 `torch.get_num_threads()` OpenMP threads; other devices and dtypes keep the torch path. Outputs and gradients equal
-the torch path's to float32 rounding (tests/test_routing_reference.py, tests/test_cpu_routing_kernel.py).
+the torch path's to float32 rounding (tests/test_routing_reference.py, tests/test_cpu_routing_kernel.py). Under CPU
+bf16 autocast, on a CPU with AVX512-BF16, the class capsules' votes multiply bf16-rounded operands (as autocast's
+matmul would) and all else stays float32.
 `capsnet-train` and `capsnet-eval` choose them with `--cpu_routing_kernel` (`use_cpu_routing_kernel`).
 
     model = AutoModelForImageClassification.from_pretrained(...)
@@ -70,7 +72,7 @@ class RoutingCall(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in ("grad_bias", "left", "right")),
         *((name, ctypes.c_int64) for name in ("batch", "inputs_per_example", "input_dim", "parents", "pose_dim")),
         *((name, ctypes.c_int64) for name in ("padded_inputs", "iterations", "examples_per_block")),
-        *((name, ctypes.c_int32) for name in ("leaky", "detach_inner_votes", "threads")),
+        *((name, ctypes.c_int32) for name in ("leaky", "detach_inner_votes", "bf16_votes", "threads")),
         ("epsilon", ctypes.c_float),
     ]
 
@@ -189,6 +191,7 @@ def _open_library(path: str) -> ctypes.CDLL:
     library.capsnet_record_floats.argtypes = [ctypes.c_int64] * 4
     library.capsnet_record_floats.restype = ctypes.c_int64
     library.capsnet_threaded.restype = ctypes.c_int
+    library.capsnet_bf16_votes.restype = ctypes.c_int
     for structure in entries:
         check_call_layout(library, structure)
     return library
@@ -216,15 +219,17 @@ def _padded(num_inputs: int, lanes: int) -> int:
 
 
 def _forward_buffer_shapes(
-    kernel: ctypes.CDLL, batch_size: int, weight: Tensor, iterations: int, keep_for_backward: bool
+    kernel: ctypes.CDLL, batch_size: int, weight: Tensor, iterations: int, keep_for_backward: bool, bf16_votes: bool
 ) -> tuple[tuple[int, ...], tuple[int, int]]:
-    """What the forward fills beside its outputs: W [I, J, K, A] re-laid out as [P / L, J, K, A, L], and with
-    `keep_for_backward` the routing record its backward reads ([B, record floats], else [B, 0])."""
+    """What the forward fills beside its outputs: W [I, J, K, A] re-laid out as [P / L, J, K, A, L] (with
+    `bf16_votes` [P / L, J, K, ceil(A / 2), L] words of bf16 pairs), and with `keep_for_backward` the routing record
+    its backward reads ([B, record floats], else [B, 0])."""
     num_inputs, num_classes, capsule_dim, input_dim = weight.shape
     lanes = kernel.capsnet_lanes()
     padded = _padded(num_inputs, lanes)
     floats = kernel.capsnet_record_floats(num_classes, capsule_dim, padded, iterations) if keep_for_backward else 0
-    return (padded // lanes, num_classes, capsule_dim, input_dim, lanes), (batch_size, floats)
+    words = -(-input_dim // 2) if bf16_votes else input_dim
+    return (padded // lanes, num_classes, capsule_dim, words, lanes), (batch_size, floats)
 
 
 def _checked_operands(primary_capsules: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
@@ -252,6 +257,7 @@ def _routing_call(
     leaky: bool,
     epsilon: float,
     detach_inner_votes: bool,
+    bf16_votes: bool,
     lanes: int,
 ) -> RoutingCall:
     """The fields both entry points share, for capsules [B, I, A] and the weight [I, J, K, A]; the caller sets the
@@ -274,6 +280,7 @@ def _routing_call(
         examples_per_block=min(EXAMPLES_PER_BLOCK, -(-batch_size // threads)) or 1,
         leaky=int(leaky),
         detach_inner_votes=int(detach_inner_votes),
+        bf16_votes=int(bf16_votes),
         threads=threads,
         epsilon=epsilon,
     )
@@ -305,21 +312,28 @@ def route_class_capsules(
     epsilon: float,
     detach_inner_votes: bool,
     keep_for_backward: bool,
+    bf16_votes: bool,
     library: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Class capsules u [B, I, A], W [I, J, K, A], bias [J, K] -> poses v [B, J, K] and last couplings c [B, J, I]
     (Eq. 2, Procedure 1), as `CapsNetClassCapsules`, then the packed weight and the routing record (empty unless
     `keep_for_backward`) that `route_class_capsules_backward` reads; `library` is the kernel's path
-    (`load_kernel_library`). `detach_inner_votes` only changes the gradient."""
+    (`load_kernel_library`). `detach_inner_votes` only changes the gradient. `bf16_votes` (a build where
+    `capsnet_bf16_votes()` is 1) computes the votes from u and W rounded to bfloat16, as the torch path's matmul
+    does under bf16 autocast, in float32 sums; the rest stays float32."""
     kernel = _open_library(library)
     inputs, weight, bias = _checked_operands(primary_capsules, weight, bias)
     batch_size, num_inputs, _ = inputs.shape
     _, num_classes, capsule_dim, _ = weight.shape
-    packed_shape, record_shape = _forward_buffer_shapes(kernel, batch_size, weight, iterations, keep_for_backward)
+    packed_shape, record_shape = _forward_buffer_shapes(
+        kernel, batch_size, weight, iterations, keep_for_backward, bf16_votes
+    )
     packed_weight, record = weight.new_empty(packed_shape), inputs.new_empty(record_shape)
     poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
     coupling = inputs.new_empty(batch_size, num_classes, num_inputs)
-    call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, kernel.capsnet_lanes())
+    call = _routing_call(
+        inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, bf16_votes, kernel.capsnet_lanes()
+    )
     call.packed_weight, call.poses, call.coupling = packed_weight.data_ptr(), poses.data_ptr(), coupling.data_ptr()
     call.record = record.data_ptr() if keep_for_backward else None
     _run(kernel.capsnet_route, call)
@@ -327,12 +341,25 @@ def route_class_capsules(
 
 
 @route_class_capsules.register_fake
-def _(primary_capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, keep_for_backward, library):
+def _(
+    primary_capsules,
+    weight,
+    bias,
+    iterations,
+    leaky,
+    epsilon,
+    detach_inner_votes,
+    keep_for_backward,
+    bf16_votes,
+    library,
+):
     batch_size, num_inputs, _ = primary_capsules.shape
     _, num_classes, capsule_dim, _ = weight.shape
     poses = primary_capsules.new_empty(batch_size, num_classes, capsule_dim)
     coupling = primary_capsules.new_empty(batch_size, num_classes, num_inputs)
-    shapes = _forward_buffer_shapes(_open_library(library), batch_size, weight, iterations, keep_for_backward)
+    shapes = _forward_buffer_shapes(
+        _open_library(library), batch_size, weight, iterations, keep_for_backward, bf16_votes
+    )
     return poses, coupling, weight.new_empty(shapes[0]), primary_capsules.new_empty(shapes[1])
 
 
@@ -349,18 +376,21 @@ def route_class_capsules_backward(
     leaky: bool,
     epsilon: float,
     detach_inner_votes: bool,
+    bf16_votes: bool,
     library: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `route_class_capsules` w.r.t. u, W and the bias (zeros [J, K] without one), given those of its
     poses and couplings, from its inputs and the packed weight and routing record it kept (`keep_for_backward`);
-    recomputes the votes rather than saving them."""
+    recomputes the votes rather than saving them. With `bf16_votes` they are the gradients w.r.t. u and W of the
+    votes' rounded operands (a straight-through rounding)."""
     kernel = _open_library(library)
     inputs, weight, bias = _checked_operands(primary_capsules, weight, bias)
     batch_size, num_inputs, input_dim = inputs.shape
     _, num_classes, capsule_dim, _ = weight.shape
     lanes = kernel.capsnet_lanes()
     padded = _padded(num_inputs, lanes)
-    if (packed_weight.shape, record.shape) != _forward_buffer_shapes(kernel, batch_size, weight, iterations, True):
+    expected = _forward_buffer_shapes(kernel, batch_size, weight, iterations, True, bf16_votes)
+    if (packed_weight.shape, record.shape) != expected:
         raise ValueError(
             f"the packed weight {tuple(packed_weight.shape)} or routing record {tuple(record.shape)} is not what "
             "route_class_capsules kept for this backward (it keeps a record only with keep_for_backward)"
@@ -381,7 +411,7 @@ def route_class_capsules_backward(
     grad_inputs = torch.empty_like(inputs)
     grad_weight = torch.empty_like(weight)
     grad_bias = inputs.new_empty(batch_size, num_classes, capsule_dim)
-    call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, lanes)
+    call = _routing_call(inputs, weight, bias, iterations, leaky, epsilon, detach_inner_votes, bf16_votes, lanes)
     call.packed_inputs, call.packed_weight, call.record = (
         packed_inputs.data_ptr(),
         packed_weight.data_ptr(),
@@ -411,18 +441,19 @@ def _(
     leaky,
     epsilon,
     detach_inner_votes,
+    bf16_votes,
     library,
 ):
     return torch.empty_like(primary_capsules), torch.empty_like(weight), weight.new_empty(weight.shape[1:3])
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    primary_capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, _, library = inputs
+    primary_capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, _, bf16_votes, library = inputs
     _, _, packed_weight, record = output
     ctx.mark_non_differentiable(packed_weight, record)
     # The weight itself, so that autograd refuses a backward after it was changed in place (version check).
     ctx.save_for_backward(primary_capsules, weight, packed_weight, record, bias)
-    ctx.settings = iterations, leaky, epsilon, detach_inner_votes, library
+    ctx.settings = iterations, leaky, epsilon, detach_inner_votes, bf16_votes, library
 
 
 def _backward(ctx, grad_poses: Tensor, grad_coupling: Tensor, _grad_packed_weight, _grad_record):
@@ -430,7 +461,7 @@ def _backward(ctx, grad_poses: Tensor, grad_coupling: Tensor, _grad_packed_weigh
     grad_inputs, grad_weight, grad_bias = route_class_capsules_backward(
         primary_capsules, weight, packed_weight, record, bias, grad_poses, grad_coupling, *ctx.settings
     )
-    return grad_inputs, grad_weight, None if bias is None else grad_bias, None, None, None, None, None, None
+    return grad_inputs, grad_weight, None if bias is None else grad_bias, None, None, None, None, None, None, None
 
 
 route_class_capsules.register_autograd(_backward, setup_context=_setup_context)
@@ -528,11 +559,15 @@ class CpuRoutingKernel:
     the kernel `supports` with it, (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings [B, J, I].
 
     The weight is re-laid out on every forward call (its backward reuses that copy): a cached copy cannot tell when
-    the weight has changed, since in-place updates such as torch's fused Adam do not bump its version.
+    the weight has changed, since in-place updates such as torch's fused Adam do not bump its version. Under CPU
+    bf16 autocast, where the build has them (`bf16_votes`: AVX512-BF16), the votes are computed from bf16-rounded
+    inputs and weight, as autocast's matmul would (docs/performance.md); elsewhere all in float32.
     """
 
     def __init__(self, cache_dir: str | None = None):
-        self.library_path = load_kernel_library(cache_dir)._name
+        library = load_kernel_library(cache_dir)
+        self.library_path = library._name
+        self.bf16_votes = bool(library.capsnet_bf16_votes())
 
     @staticmethod
     def supports(primary_capsules: Tensor, weight: Tensor) -> bool:
@@ -548,6 +583,9 @@ class CpuRoutingKernel:
             )
         # the routing record costs the forward a write of ~100 KB per example, which inference need not pay
         keep_for_backward = torch.is_grad_enabled() and (primary_capsules.requires_grad or layer.weight.requires_grad)
+        bf16_votes = (
+            self.bf16_votes and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
         poses, coupling, _, _ = route_class_capsules(
             primary_capsules,
             layer.weight,
@@ -557,6 +595,7 @@ class CpuRoutingKernel:
             layer.epsilon,
             layer.detach_inner_votes,
             keep_for_backward,
+            bf16_votes,
             self.library_path,
         )
         return poses, coupling
@@ -644,7 +683,8 @@ def use_cpu_routing_kernel(model: nn.Module, mode: str, device: torch.device | s
     build without OpenMP is slower than the torch path on several threads), and otherwise, or for a model without
     class capsules, keeps the torch path. 'true' attaches it on CPU whatever the threads and raises
     `KernelBuildError` if it cannot be built. The kernel takes float32 weights and capsules; the primary capsules are
-    float32 under bf16/fp16 autocast too (squash computes in float32), so there the class capsules run in float32.
+    float32 under bf16/fp16 autocast too (squash computes in float32), so there the class capsules run in float32,
+    except for bf16 autocast's votes from bf16-rounded operands on CPUs with AVX512-BF16 (`CpuRoutingKernel`).
     """
     mode = cpu_routing_kernel_mode(mode)
     if mode == "false":

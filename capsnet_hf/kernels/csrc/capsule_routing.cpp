@@ -10,7 +10,10 @@
 // per sweep over the weight) into its own buffer, laid out so that L input capsules fill one vector register, and then
 // routes each example with one pass per iteration after the first: agreement with v_j, softmax over the parents and the
 // next weighted sum s_j, for L input capsules at a time. Float32 throughout; results differ from the torch path by
-// float rounding only (summation order, a polynomial exp).
+// float rounding only (summation order, a polynomial exp). With bf16_votes (under bf16 autocast, in a build with
+// AVX512-BF16) the votes multiply the weight and inputs rounded to bfloat16, in pairs of input dimensions
+// (vdpbf16ps, float32 sums), which halves the weight traffic the votes wait on; routing and gradients stay float32,
+// and equal the float32 path's for that rounded weight and inputs (a straight-through rounding).
 //
 // For a backward the forward keeps each example's routing record (every iteration's couplings, s_j and v_j) and the
 // packed weight; the backward (capsnet_route_backward) recomputes the votes only, then walks the iterations back with
@@ -22,7 +25,9 @@
 //   inputs         [B, I, A]           primary capsules u_i
 //   packed_inputs  [P / L, B, A, L]    the same, input-block major, zero padded (backward only; scratch)
 //   weight         [I, J, K, A]        W[i, j, k, a], the layer's own layout (grad_weight too)
-//   packed_weight  [P / L, J, K, A, L] W re-laid out by the forward (and read by the backward): i = block * L + lane
+//   packed_weight  [P / L, J, K, A, L] W re-laid out by the forward (and read by the backward): i = block * L + lane;
+//                  with bf16_votes [P / L, J, K, A2 / 2, L] 32-bit words, each the bf16 pair (a = 2m low, 2m + 1
+//                  high half; A2 = A rounded up to even, a zero beyond A)
 //   bias           [J, K] or null      added to every s_j
 //   poses          [B, J, K]           v_j of the last iteration (forward output)
 //   coupling       [B, J, I]           c_ij of the last iteration (forward output)
@@ -42,6 +47,13 @@
 #include <omp.h>
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define CAPSNET_BF16_VOTES 1
+#else
+#define CAPSNET_BF16_VOTES 0
+#endif
+
 namespace {
 
 // L: one vector register of floats. AVX-512 doubles it; measured against 8 lanes on the same CPU in
@@ -53,6 +65,7 @@ constexpr int64_t kLanes = 8;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint32_t WordVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 inline Vec load(const float* source) {
   Vec value;
@@ -61,6 +74,53 @@ inline Vec load(const float* source) {
 }
 
 inline void store(float* target, Vec value) { std::memcpy(target, &value, sizeof(value)); }
+
+// Every lane's bfloat16, rounded to nearest even as torch rounds (a NaN stays a NaN), in the low half of its word.
+inline WordVec bf16_bits(Vec x) {
+  WordVec bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const WordVec rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
+}
+
+inline Vec round_to_bf16(Vec x) {
+  const WordVec bits = bf16_bits(x) << 16;
+  Vec rounded;
+  std::memcpy(&rounded, &bits, sizeof(rounded));
+  return rounded;
+}
+
+// Words of bf16 pairs: `low` in the low half (the pair's first element, as vdpbf16ps reads it).
+inline WordVec bf16_pairs(Vec low, Vec high) { return bf16_bits(low) | (bf16_bits(high) << 16); }
+
+// Stores L capsules' A floats (capsule l's at rows + l * stride for l < lanes, zeros beyond) lane-minor, as A
+// vectors [A, L] (dimension a of every lane in one vector), or with `pairs` as ceil(A / 2) vectors of bf16 pair words.
+inline void pack_tile(const float* rows, int64_t stride, int64_t lanes, int64_t A, bool pairs, float* target) {
+  if (!pairs) {
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t lane = 0; lane < kLanes; ++lane) target[a * kLanes + lane] = lane < lanes ? rows[lane * stride + a] : 0.0f;
+    return;
+  }
+  for (int64_t m = 0; 2 * m < A; ++m) {
+    Vec low{}, high{};
+    for (int64_t lane = 0; lane < lanes; ++lane) {
+      low[lane] = rows[lane * stride + 2 * m];
+      high[lane] = 2 * m + 1 < A ? rows[lane * stride + 2 * m + 1] : 0.0f;
+    }
+    const WordVec words = bf16_pairs(low, high);
+    std::memcpy(target + m * kLanes, &words, sizeof(words));
+  }
+}
+
+// One half of L pair words as floats (half 0: the low elements, 1: the high ones): exact, bf16 is a float's high half.
+inline Vec load_pair_half(const uint32_t* words, int64_t half) {
+  WordVec bits;
+  std::memcpy(&bits, words, sizeof(bits));
+  bits = half ? (bits & 0xffff0000u) : (bits << 16);
+  Vec value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
 
 inline Vec broadcast(float value) { return Vec{} + value; }
 
@@ -111,7 +171,7 @@ struct CapsnetRoutingCall {
   float* left;                 // scratch [P / L, B, J, terms, L], terms = 2T - 1 (1 with detach_inner_votes)
   float* right;                // scratch [B, terms, J, K]
   int64_t batch, inputs_per_example, input_dim, parents, pose_dim, padded_inputs, iterations, examples_per_block;
-  int32_t leaky, detach_inner_votes, threads;
+  int32_t leaky, detach_inner_votes, bf16_votes, threads;
   float epsilon;
 };
 
@@ -122,6 +182,9 @@ using Problem = CapsnetRoutingCall;
 // dL/du_hat[b, j, i, :] = sum_r left_r[b, j, i] right_r[b, j, :] (rank one per term and parent: left = c_t with
 // right = dL/ds_t, and left = the accumulated dL/dlogits with right = v_(t-1)); the votes are never written out.
 int64_t gradient_terms(const Problem& p) { return p.detach_inner_votes ? 1 : 2 * p.iterations - 1; }
+
+// Words per (block, j, k) of a bf16_votes packed weight, and per (block, example) of its packed inputs.
+int64_t pair_words(const Problem& p) { return (p.input_dim + 1) / 2; }
 
 // What routing one example leaves behind for its backward pass (per iteration t), in p.record.
 struct RoutingRecord {
@@ -192,10 +255,11 @@ void squash_backward(const Problem& p, const float* preactivation, const float* 
 }
 
 // Votes of kLanes input capsules for kExamples examples in one sweep over the weight: out[e][jk] = sum_a
-// weight[jk, a] u[e][a] for jk < count, also added to first_sum[e][jk]. kInputDim > 0 fixes the input capsules'
-// dimension at compile time (8 in the paper), which keeps every example's u in registers, so that each weight vector
-// loaded serves all kExamples (the weight, not the arithmetic, is what the votes wait for: docs/performance.md).
-template <int64_t kInputDim, int64_t kExamples>
+// weight[jk, a] u[e][a] for jk < count, and with kFirstSums also added to first_sum[e][jk] (the forward's first
+// iteration). kInputDim > 0 fixes the input capsules' dimension at compile time (8 in the paper), which keeps every
+// example's u in registers, so that each weight vector loaded serves all kExamples (the weight, not the arithmetic,
+// is what the votes wait for: docs/performance.md).
+template <int64_t kInputDim, int64_t kExamples, bool kFirstSums>
 void capsule_votes(const float* weight, const float* const* u, int64_t input_dim, int64_t count, float* const* out,
                    Vec* const* first_sum) {
   static_assert(kInputDim > 0 || kExamples == 1, "a runtime input dimension takes one example at a time");
@@ -217,22 +281,64 @@ void capsule_votes(const float* weight, const float* const* u, int64_t input_dim
     }
     for (int64_t e = 0; e < kExamples; ++e) {
       store(out[e] + jk * kLanes, vote[e]);
-      first_sum[e][jk] += vote[e];
+      if constexpr (kFirstSums) first_sum[e][jk] += vote[e];
     }
   }
 }
 
-// One thread's buffers: a block of examples' inputs [P / L, A, L] and votes [P / L, J, K, L], and one example's
-// routing state.
+#if CAPSNET_BF16_VOTES
+inline __m512bh load_pairs(const uint32_t* words) {
+  __m512bh value;
+  std::memcpy(&value, words, sizeof(value));
+  return value;
+}
+
+// capsule_votes with bf16 pairs: weight [count, pairs, L] and u[e] [pairs, L] words, one vdpbf16ps per pair
+// (kPairs > 0 fixes their number, as kInputDim does above).
+template <int64_t kPairs, int64_t kExamples, bool kFirstSums>
+void capsule_votes_bf16(const uint32_t* weight, const uint32_t* const* u, int64_t pairs, int64_t count,
+                        float* const* out, Vec* const* first_sum) {
+  static_assert(kPairs > 0 || kExamples == 1, "a runtime input dimension takes one example at a time");
+  const int64_t M = kPairs > 0 ? kPairs : pairs;
+  __m512bh inputs[kExamples][kPairs > 0 ? kPairs : 1];
+  if constexpr (kPairs > 0)
+    for (int64_t e = 0; e < kExamples; ++e)
+      for (int64_t m = 0; m < kPairs; ++m) inputs[e][m] = load_pairs(u[e] + m * kLanes);
+  for (int64_t jk = 0; jk < count; ++jk) {
+    const uint32_t* w = weight + jk * M * kLanes;
+    __m512 vote[kExamples];
+    for (int64_t e = 0; e < kExamples; ++e) vote[e] = _mm512_setzero_ps();
+    if constexpr (kPairs > 0) {
+      for (int64_t m = 0; m < kPairs; ++m) {
+        const __m512bh weight_pairs = load_pairs(w + m * kLanes);
+        for (int64_t e = 0; e < kExamples; ++e) vote[e] = _mm512_dpbf16_ps(vote[e], weight_pairs, inputs[e][m]);
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m)
+        vote[0] = _mm512_dpbf16_ps(vote[0], load_pairs(w + m * kLanes), load_pairs(u[0] + m * kLanes));
+    }
+    for (int64_t e = 0; e < kExamples; ++e) {
+      Vec value;
+      std::memcpy(&value, &vote[e], sizeof(value));
+      store(out[e] + jk * kLanes, value);
+      if constexpr (kFirstSums) first_sum[e][jk] += value;
+    }
+  }
+}
+#endif
+
+// One thread's buffers: a block of examples' inputs [P / L, A, L] (with bf16_votes [P / L, A2 / 2, L] pair words)
+// and votes [P / L, J, K, L], and one example's routing state (the logits in the forward only).
 struct Workspace {
-  explicit Workspace(const Problem& p)
-      : inputs(p.examples_per_block * p.input_dim * p.padded_inputs, 0.0f),
+  Workspace(const Problem& p, bool forward)
+      : inputs(p.bf16_votes ? 0 : p.examples_per_block * p.input_dim * p.padded_inputs, 0.0f),
+        input_pairs(p.bf16_votes ? p.examples_per_block * pair_words(p) * p.padded_inputs : 0, 0u),
         votes(new float[p.examples_per_block * p.parents * p.pose_dim * p.padded_inputs]),  // written before read
-        first_sums(p.examples_per_block * p.parents * p.pose_dim),
+        first_sums(forward ? p.examples_per_block * p.parents * p.pose_dim : 0),
         sums(p.parents * p.pose_dim),
         broadcast_poses(p.parents * p.pose_dim),
         couplings(p.parents),
-        logits(p.parents * p.padded_inputs),
+        logits(forward ? p.parents * p.padded_inputs : 0),
         preactivation(p.parents * p.pose_dim),
         poses(p.parents * p.pose_dim) {}
 
@@ -241,44 +347,77 @@ struct Workspace {
   }
 
   std::vector<float> inputs;
+  std::vector<uint32_t> input_pairs;
   std::unique_ptr<float[]> votes;
   std::vector<Vec> first_sums, sums, broadcast_poses, couplings;
   std::vector<float> logits, preactivation, poses;
 };
 
 // Votes u_hat[i, j, k] = sum_a W[i, j, k, a] u[i, a] (Eq. 2) of examples first .. first + count - 1 into the
-// workspace, and their sums over i (the first iteration's s_j without the 1/J); each weight vector serves the block.
+// workspace, and with kFirstSums their sums over i (the first iteration's s_j without the 1/J); each weight vector
+// serves the block.
+template <bool kFirstSums>
 void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t count) {
   const int64_t I = p.inputs_per_example, A = p.input_dim, JK = p.parents * p.pose_dim;
+  const int64_t width = p.bf16_votes ? pair_words(p) : A;  // words per input capsule in the packed layouts
   for (int64_t e = 0; e < count; ++e) {
-    const float* source = p.inputs + (first + e) * I * A;
-    float* target = ws.inputs.data() + e * A * p.padded_inputs;
-    for (int64_t i = 0; i < I; ++i)
-      for (int64_t a = 0; a < A; ++a) target[((i / kLanes) * A + a) * kLanes + i % kLanes] = source[i * A + a];
+    float* target = p.bf16_votes ? reinterpret_cast<float*>(ws.input_pairs.data() + e * width * p.padded_inputs)
+                                 : ws.inputs.data() + e * A * p.padded_inputs;
+    for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
+      const int64_t lanes = std::min(kLanes, I - v * kLanes);
+      pack_tile(p.inputs + ((first + e) * I + v * kLanes) * A, A, lanes, A, p.bf16_votes, target + v * width * kLanes);
+    }
   }
-  std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
+  if constexpr (kFirstSums) std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
   for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
+    float* out[2];
+    Vec* first_sum[2] = {};
+    const auto point_at = [&](int64_t slot, int64_t e) {
+      out[slot] = ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
+      if constexpr (kFirstSums) first_sum[slot] = ws.first_sums.data() + e * JK;
+    };
+#if CAPSNET_BF16_VOTES
+    if (p.bf16_votes) {
+      const uint32_t* weight = reinterpret_cast<const uint32_t*>(p.packed_weight) + v * JK * width * kLanes;
+      const uint32_t* u[2];
+      const auto inputs_of = [&](int64_t slot, int64_t e) {
+        point_at(slot, e);
+        u[slot] = ws.input_pairs.data() + e * width * p.padded_inputs + v * width * kLanes;
+      };
+      int64_t e = 0;
+      for (; width == 4 && e + 1 < count; e += 2) {
+        inputs_of(0, e);
+        inputs_of(1, e + 1);
+        capsule_votes_bf16<4, 2, kFirstSums>(weight, u, width, JK, out, first_sum);
+      }
+      for (; e < count; ++e) {
+        inputs_of(0, e);
+        if (width == 4)
+          capsule_votes_bf16<4, 1, kFirstSums>(weight, u, width, JK, out, first_sum);
+        else
+          capsule_votes_bf16<0, 1, kFirstSums>(weight, u, width, JK, out, first_sum);
+      }
+      continue;
+    }
+#endif
     const float* weight = p.packed_weight + v * JK * A * kLanes;
     const float* u[2];
-    float* out[2];
-    Vec* first_sum[2];
-    const auto point_at = [&](int64_t slot, int64_t e) {
+    const auto inputs_of = [&](int64_t slot, int64_t e) {
+      point_at(slot, e);
       u[slot] = ws.inputs.data() + e * A * p.padded_inputs + v * A * kLanes;
-      out[slot] = ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
-      first_sum[slot] = ws.first_sums.data() + e * JK;
     };
     int64_t e = 0;
     for (; A == 8 && e + 1 < count; e += 2) {
-      point_at(0, e);
-      point_at(1, e + 1);
-      capsule_votes<8, 2>(weight, u, A, JK, out, first_sum);
+      inputs_of(0, e);
+      inputs_of(1, e + 1);
+      capsule_votes<8, 2, kFirstSums>(weight, u, A, JK, out, first_sum);
     }
     for (; e < count; ++e) {
-      point_at(0, e);
+      inputs_of(0, e);
       if (A == 8)
-        capsule_votes<8, 1>(weight, u, A, JK, out, first_sum);
+        capsule_votes<8, 1, kFirstSums>(weight, u, A, JK, out, first_sum);
       else
-        capsule_votes<0, 1>(weight, u, A, JK, out, first_sum);
+        capsule_votes<0, 1, kFirstSums>(weight, u, A, JK, out, first_sum);
     }
   }
 }
@@ -347,11 +486,11 @@ void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, 
 // Routes blocks first_block, first_block + stride, ... of examples_per_block examples each.
 void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   const int64_t J = p.parents, JK = J * p.pose_dim, block = p.examples_per_block;
-  Workspace ws(p);
+  Workspace ws(p, true);
   const int64_t num_blocks = (p.batch + block - 1) / block;
   for (int64_t block_index = first_block; block_index < num_blocks; block_index += stride) {
     const int64_t first = block_index * block, count = std::min(block, p.batch - first);
-    compute_block_votes(p, ws, first, count);
+    compute_block_votes<true>(p, ws, first, count);
     for (int64_t e = 0; e < count; ++e) {
       RoutingRecord record = p.record ? example_record(p, first + e) : RoutingRecord{};
       route_example(p, ws, e, p.coupling + (first + e) * J * p.inputs_per_example, p.record ? &record : nullptr);
@@ -433,12 +572,12 @@ void backprop_example(const Problem& p, Workspace& ws, int64_t e, int64_t b,
 // Recomputes the votes of blocks first_block, first_block + stride, ... and backpropagates through their routing.
 void backprop_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   const int64_t J = p.parents, JK = J * p.pose_dim, P = p.padded_inputs, block = p.examples_per_block;
-  Workspace ws(p);
+  Workspace ws(p, false);
   std::vector<float> grad_poses(JK), grad_preactivation(JK), grad_logits(J * P);
   const int64_t num_blocks = (p.batch + block - 1) / block;
   for (int64_t block_index = first_block; block_index < num_blocks; block_index += stride) {
     const int64_t first = block_index * block, count = std::min(block, p.batch - first);
-    compute_block_votes(p, ws, first, count);
+    compute_block_votes<false>(p, ws, first, count);
     for (int64_t e = 0; e < count; ++e)
       backprop_example(p, ws, e, first + e, example_record(p, first + e), grad_poses, grad_preactivation,
                        grad_logits);
@@ -457,8 +596,9 @@ constexpr int64_t kTileInput = kLanes == 16 ? 2 : 1;   // examples of dL/du per 
 // dL/du and dL/dW of input block v (kLanes input capsules) from the factors of dL/du_hat: with gv[b, j, k] =
 // dL/du_hat[b, j, i, k] = sum_r left_r[b, j, i] right_r[b, j, k], dL/du[b, i, a] = sum_jk W[i, j, k, a] gv[b, j, k]
 // and dL/dW[i, j, k, a] = sum_b gv[b, j, k] u[b, i, a]. grad_vote [kChunk, K], grad_u [B, A] and grad_w [J, K, A]
-// are scratch. kInputDim as in capsule_votes: with it, every tile's A accumulators are registers.
-template <int64_t kInputDim>
+// are scratch. kInputDim as in capsule_votes: with it, every tile's A accumulators are registers. kPairedWeight: the
+// packed weight holds bf16 pairs (bf16_votes), read back as floats.
+template <int64_t kInputDim, bool kPairedWeight>
 void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* grad_vote, Vec* grad_u, Vec* grad_w) {
   const int64_t B = p.batch, I = p.inputs_per_example, J = p.parents, K = p.pose_dim;
   const int64_t A = kInputDim > 0 ? kInputDim : p.input_dim, R = gradient_terms(p);
@@ -470,7 +610,14 @@ void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* grad_vot
     Vec* chunk_grad_u = grad_u + first * A;
     std::fill(chunk_grad_u, chunk_grad_u + count * A, Vec{});
     for (int64_t j = 0; j < J; ++j) {
-      const float* weight = p.packed_weight + (v * J + j) * K * A * kLanes;
+      const int64_t words = kPairedWeight ? pair_words(p) : A;  // per k
+      const float* weight = p.packed_weight + (v * J + j) * K * words * kLanes;
+      const auto weight_vector_at = [&](int64_t k, int64_t a) {
+        if constexpr (kPairedWeight)
+          return load_pair_half(reinterpret_cast<const uint32_t*>(weight) + (k * words + a / 2) * kLanes, a % 2);
+        else
+          return load(weight + (k * A + a) * kLanes);
+      };
       Vec* parent_grad_w = grad_w + j * K * A;
       for (int64_t e = 0; e < count; ++e) {
         const float* left = p.left + ((v * B + first + e) * J + j) * R * kLanes;  // term r at left + r * kLanes
@@ -506,7 +653,7 @@ void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* grad_vot
           Vec total[kTileInput][width] = {};
           for (int64_t k = 0; k < K; ++k)
             for (int64_t w = 0; w < width; ++w) {
-              const Vec weight_vector = load(weight + (k * A + a0 + w) * kLanes);
+              const Vec weight_vector = weight_vector_at(k, a0 + w);
               for (int64_t t = 0; t < kTileInput; ++t)
                 if (e0 + t < count) total[t][w] += weight_vector * grad_vote[(e0 + t) * K + k];
             }
@@ -532,39 +679,41 @@ void block_input_and_weight_gradients(const Problem& p, int64_t v, Vec* grad_vot
 void input_and_weight_gradients(const Problem& p, int64_t first_vector, int64_t stride) {
   std::vector<Vec> grad_vote(kChunk * p.pose_dim), grad_u(p.batch * p.input_dim);
   std::vector<Vec> grad_w(p.parents * p.pose_dim * p.input_dim);
-  for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
-    if (p.input_dim == 8)
-      block_input_and_weight_gradients<8>(p, v, grad_vote.data(), grad_u.data(), grad_w.data());
-    else
-      block_input_and_weight_gradients<0>(p, v, grad_vote.data(), grad_u.data(), grad_w.data());
-  }
+  const auto run = [&](auto block_gradients) {
+    for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride)
+      block_gradients(p, v, grad_vote.data(), grad_u.data(), grad_w.data());
+  };
+  if (p.input_dim == 8)
+    run(p.bf16_votes ? block_input_and_weight_gradients<8, true> : block_input_and_weight_gradients<8, false>);
+  else
+    run(p.bf16_votes ? block_input_and_weight_gradients<0, true> : block_input_and_weight_gradients<0, false>);
 }
 
-// packed_weight of input blocks first_vector, first_vector + stride, ... from weight (the forward's); the padding
-// capsules' lanes are zero.
+// packed_weight of input blocks first_vector, first_vector + stride, ... from weight (the forward's), as floats or
+// bf16 pairs; the padding capsules' lanes are zero.
 void pack_weight_blocks(const Problem& p, int64_t first_vector, int64_t stride) {
-  const int64_t I = p.inputs_per_example, JKA = p.parents * p.pose_dim * p.input_dim;
+  const int64_t I = p.inputs_per_example, A = p.input_dim, JK = p.parents * p.pose_dim, JKA = JK * A;
+  const int64_t words = p.bf16_votes ? pair_words(p) : A;  // per (block, jk) and lane
   for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
     const int64_t lanes = std::min(kLanes, I - v * kLanes);
-    float* packed = p.packed_weight + v * JKA * kLanes;
     const float* rows = p.weight + v * kLanes * JKA;  // lane's row at rows + lane * JKA
-    for (int64_t jka = 0; jka < JKA; ++jka)
-      for (int64_t lane = 0; lane < kLanes; ++lane)
-        packed[jka * kLanes + lane] = lane < lanes ? rows[lane * JKA + jka] : 0.0f;
+    for (int64_t jk = 0; jk < JK; ++jk)
+      pack_tile(rows + jk * A, JKA, lanes, A, p.bf16_votes, p.packed_weight + (v * JK + jk) * words * kLanes);
   }
 }
 
-// packed_inputs of input blocks first_vector, first_vector + stride, ... from inputs (the backward's); the padding
-// capsules' lanes are zero.
+// packed_inputs of input blocks first_vector, first_vector + stride, ... from inputs (the backward's), rounded to
+// bf16 with bf16_votes (dL/dW = dL/du_hat times the inputs the votes used); the padding capsules' lanes are zero.
 void pack_input_blocks(const Problem& p, int64_t first_vector, int64_t stride) {
   const int64_t I = p.inputs_per_example, A = p.input_dim;
   for (int64_t v = first_vector; v < p.padded_inputs / kLanes; v += stride) {
     const int64_t lanes = std::min(kLanes, I - v * kLanes);
-    for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t a = 0; a < A; ++a)
-        for (int64_t lane = 0; lane < kLanes; ++lane)
-          p.packed_inputs[((v * p.batch + b) * A + a) * kLanes + lane] =
-              lane < lanes ? p.inputs[(b * I + v * kLanes + lane) * A + a] : 0.0f;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      float* target = p.packed_inputs + (v * p.batch + b) * A * kLanes;
+      pack_tile(p.inputs + (b * I + v * kLanes) * A, A, lanes, A, false, target);
+      if (p.bf16_votes)
+        for (int64_t a = 0; a < A; ++a) store(target + a * kLanes, round_to_bf16(load(target + a * kLanes)));
+    }
   }
 }
 
@@ -607,6 +756,7 @@ const char* invalid_call(const Problem* p, bool backward) {
   if (p->iterations < 1) return "routing needs at least one iteration";
   if (p->examples_per_block < 1 || p->threads < 1) return "examples_per_block and threads must be positive";
   if (!(p->epsilon >= 0.0f)) return "epsilon must be zero or positive";
+  if (p->bf16_votes && !CAPSNET_BF16_VOTES) return "this build has no bf16 votes (they need AVX-512 and AVX512-BF16)";
   if (!p->weight || !p->packed_weight) return "the weight or its packed buffer is missing";
   if (!backward) {
     if (p->batch > 0 && (!p->inputs || !p->poses || !p->coupling)) return "an input or output buffer is missing";
@@ -733,6 +883,9 @@ extern "C" int64_t capsnet_record_floats(int64_t parents, int64_t pose_dim, int6
   return record_floats(parents, pose_dim, padded, iterations);
 }
 
+// 1 if this build computes bf16 votes (bf16_votes), else 0.
+extern "C" int capsnet_bf16_votes() { return CAPSNET_BF16_VOTES; }
+
 extern "C" int capsnet_threaded() {
 #ifdef _OPENMP
   return 1;
@@ -751,7 +904,7 @@ extern "C" const char* capsnet_call_layout(const char* struct_name) {
       std::string() + F(inputs) + F(packed_inputs) + F(weight) + F(packed_weight) + F(bias) + F(poses) +
       F(coupling) + F(record) + F(grad_poses) + F(grad_coupling) + F(grad_inputs) + F(grad_weight) + F(grad_bias) +
       F(left) + F(right) + F(batch) + F(inputs_per_example) + F(input_dim) + F(parents) + F(pose_dim) +
-      F(padded_inputs) + F(iterations) + F(examples_per_block) + F(leaky) + F(detach_inner_votes) + F(threads) +
+      F(padded_inputs) + F(iterations) + F(examples_per_block) + F(leaky) + F(detach_inner_votes) + F(bf16_votes) + F(threads) +
       F(epsilon) + "size:" + std::to_string(sizeof(CapsnetRoutingCall));
 #undef F
 #define F(name) CAPSNET_FIELD(CapsnetPrimaryCall, name)
