@@ -243,14 +243,15 @@ def routed_with_gradients(capsules, weight, bias, bf16_votes, leaky=True, iterat
 @needs_bf16_votes
 @pytest.mark.parametrize(
     "batch_size, num_inputs, input_dim, leaky, iterations, bias, detach_inner_votes",
-    [(5, 50, 8, True, 3, True, False), (1, 40, 5, False, 1, False, False), (4, 33, 8, False, 2, True, True)],
+    [(9, 50, 8, True, 3, True, False), (1, 40, 5, False, 1, False, False), (6, 33, 8, False, 2, True, True)],
 )
 def test_bf16_votes_are_the_float32_kernel_of_the_rounded_operands(
     batch_size, num_inputs, input_dim, leaky, iterations, bias, detach_inner_votes
 ):
     """bf16 votes (vdpbf16ps on bf16 pairs of input dimensions, an odd one padded) route exactly as the float32 kernel
     does on bf16-rounded capsules and weight, and their gradients are the float32 kernel's w.r.t. those rounded
-    operands (straight-through); 50 and 33 inputs are not whole 16-lane blocks."""
+    operands (straight-through); 50 and 33 inputs are not whole 16-lane blocks, 9 and 6 examples fill sweeps of 4, 2
+    and 1."""
     generator = torch.Generator().manual_seed(0)
     capsules = torch.rand(batch_size, num_inputs, input_dim, generator=generator) - 0.5
     weight = 0.3 * torch.randn(num_inputs, 3, 5, input_dim, generator=generator)

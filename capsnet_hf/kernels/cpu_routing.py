@@ -53,7 +53,9 @@ COMPILE_FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC")
 # With OpenMP the kernel runs on the process's OpenMP threads (torch's own pool on Linux, where both use libgomp);
 # a compiler without it builds a single-threaded kernel instead.
 OPENMP_FLAGS = ("-fopenmp",)
-EXAMPLES_PER_BLOCK = 2  # examples sharing a sweep over the weight (docs/performance.md)
+# Examples sharing a sweep over the weight: as many as 16 vector registers of inputs hold, 2 in float32 and 4 in bf16
+# pairs (docs/performance.md).
+EXAMPLES_PER_BLOCK = {False: 2, True: 4}  # by bf16_votes
 
 
 class KernelBuildError(RuntimeError):
@@ -277,7 +279,7 @@ def _routing_call(
         padded_inputs=_padded(num_inputs, lanes),
         iterations=iterations,
         # at least one block per thread where the batch allows it
-        examples_per_block=min(EXAMPLES_PER_BLOCK, -(-batch_size // threads)) or 1,
+        examples_per_block=min(EXAMPLES_PER_BLOCK[bf16_votes], -(-batch_size // threads)) or 1,
         leaky=int(leaky),
         detach_inner_votes=int(detach_inner_votes),
         bf16_votes=int(bf16_votes),

@@ -370,8 +370,8 @@ void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t
   }
   if constexpr (kFirstSums) std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
   for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
-    float* out[2];
-    Vec* first_sum[2] = {};
+    float* out[4];  // a sweep's examples: up to 2 in float32, 4 with bf16 pairs (16 registers of inputs either way)
+    Vec* first_sum[4] = {};
     const auto point_at = [&](int64_t slot, int64_t e) {
       out[slot] = ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
       if constexpr (kFirstSums) first_sum[slot] = ws.first_sums.data() + e * JK;
@@ -379,12 +379,16 @@ void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t
 #if CAPSNET_BF16_VOTES
     if (p.bf16_votes) {
       const uint32_t* weight = reinterpret_cast<const uint32_t*>(p.packed_weight) + v * JK * width * kLanes;
-      const uint32_t* u[2];
+      const uint32_t* u[4];
       const auto inputs_of = [&](int64_t slot, int64_t e) {
         point_at(slot, e);
         u[slot] = ws.input_pairs.data() + e * width * p.padded_inputs + v * width * kLanes;
       };
       int64_t e = 0;
+      for (; width == 4 && e + 3 < count; e += 4) {
+        for (int64_t slot = 0; slot < 4; ++slot) inputs_of(slot, e + slot);
+        capsule_votes_bf16<4, 4, kFirstSums>(weight, u, width, JK, out, first_sum);
+      }
       for (; width == 4 && e + 1 < count; e += 2) {
         inputs_of(0, e);
         inputs_of(1, e + 1);
