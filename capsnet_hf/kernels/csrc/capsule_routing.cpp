@@ -41,6 +41,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -353,6 +354,20 @@ struct Workspace {
   std::vector<float> logits, preactivation, poses;
 };
 
+// sweep(e, n) for the count examples of a block in sweeps of n = kWidest, then 2, then 1 examples (n a
+// std::integral_constant, so that each sweep's register tile is fixed at compile time); only sweeps of one example
+// where `tiled` is false (an input dimension that is not fixed at compile time).
+template <int64_t kWidest, typename Sweep>
+void in_sweeps(int64_t count, bool tiled, const Sweep& sweep) {
+  int64_t e = 0;
+  if (tiled) {
+    if constexpr (kWidest >= 4)
+      for (; e + 3 < count; e += 4) sweep(e, std::integral_constant<int64_t, 4>{});
+    for (; e + 1 < count; e += 2) sweep(e, std::integral_constant<int64_t, 2>{});
+  }
+  for (; e < count; ++e) sweep(e, std::integral_constant<int64_t, 1>{});
+}
+
 // Votes u_hat[i, j, k] = sum_a W[i, j, k, a] u[i, a] (Eq. 2) of examples first .. first + count - 1 into the
 // workspace, and with kFirstSums their sums over i (the first iteration's s_j without the 1/J); each weight vector
 // serves the block.
@@ -380,49 +395,33 @@ void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t
     if (p.bf16_votes) {
       const uint32_t* weight = reinterpret_cast<const uint32_t*>(p.packed_weight) + v * JK * width * kLanes;
       const uint32_t* u[4];
-      const auto inputs_of = [&](int64_t slot, int64_t e) {
-        point_at(slot, e);
-        u[slot] = ws.input_pairs.data() + e * width * p.padded_inputs + v * width * kLanes;
-      };
-      int64_t e = 0;
-      for (; width == 4 && e + 3 < count; e += 4) {
-        for (int64_t slot = 0; slot < 4; ++slot) inputs_of(slot, e + slot);
-        capsule_votes_bf16<4, 4, kFirstSums>(weight, u, width, JK, out, first_sum);
-      }
-      for (; width == 4 && e + 1 < count; e += 2) {
-        inputs_of(0, e);
-        inputs_of(1, e + 1);
-        capsule_votes_bf16<4, 2, kFirstSums>(weight, u, width, JK, out, first_sum);
-      }
-      for (; e < count; ++e) {
-        inputs_of(0, e);
-        if (width == 4)
-          capsule_votes_bf16<4, 1, kFirstSums>(weight, u, width, JK, out, first_sum);
+      in_sweeps<4>(count, width == 4, [&](int64_t e, auto examples) {
+        constexpr int64_t kExamples = decltype(examples)::value;
+        for (int64_t slot = 0; slot < kExamples; ++slot) {
+          point_at(slot, e + slot);
+          u[slot] = ws.input_pairs.data() + (e + slot) * width * p.padded_inputs + v * width * kLanes;
+        }
+        if (width == 4 || kExamples > 1)
+          capsule_votes_bf16<4, kExamples, kFirstSums>(weight, u, width, JK, out, first_sum);
         else
           capsule_votes_bf16<0, 1, kFirstSums>(weight, u, width, JK, out, first_sum);
-      }
+      });
       continue;
     }
 #endif
     const float* weight = p.packed_weight + v * JK * A * kLanes;
     const float* u[2];
-    const auto inputs_of = [&](int64_t slot, int64_t e) {
-      point_at(slot, e);
-      u[slot] = ws.inputs.data() + e * A * p.padded_inputs + v * A * kLanes;
-    };
-    int64_t e = 0;
-    for (; A == 8 && e + 1 < count; e += 2) {
-      inputs_of(0, e);
-      inputs_of(1, e + 1);
-      capsule_votes<8, 2, kFirstSums>(weight, u, A, JK, out, first_sum);
-    }
-    for (; e < count; ++e) {
-      inputs_of(0, e);
-      if (A == 8)
-        capsule_votes<8, 1, kFirstSums>(weight, u, A, JK, out, first_sum);
+    in_sweeps<2>(count, A == 8, [&](int64_t e, auto examples) {
+      constexpr int64_t kExamples = decltype(examples)::value;
+      for (int64_t slot = 0; slot < kExamples; ++slot) {
+        point_at(slot, e + slot);
+        u[slot] = ws.inputs.data() + (e + slot) * A * p.padded_inputs + v * A * kLanes;
+      }
+      if (A == 8 || kExamples > 1)
+        capsule_votes<8, kExamples, kFirstSums>(weight, u, A, JK, out, first_sum);
       else
         capsule_votes<0, 1, kFirstSums>(weight, u, A, JK, out, first_sum);
-    }
+    });
   }
 }
 
