@@ -205,15 +205,20 @@ def test_exported_model_calls_the_kernel_op(kernel_runs):
     assert kernel_runs == ["capsnet_squash_primary", "capsnet_route"]
 
 
-@pytest.mark.parametrize("leaky, bias, detach_inner_votes", [(True, True, False), (False, False, True)])
-def test_registered_op_passes_torch_opcheck(leaky, bias, detach_inner_votes):
+@pytest.mark.parametrize(
+    "leaky, bias, detach_inner_votes, bf16_votes",
+    [(True, True, False, False), (False, False, True, False), (True, True, False, True)],
+)
+def test_registered_op_passes_torch_opcheck(leaky, bias, detach_inner_votes, bf16_votes):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.library checks them."""
+    if bf16_votes and not BF16_VOTES:
+        pytest.skip("this CPU or compiler has no AVX512-BF16")
     generator = torch.Generator().manual_seed(0)
     capsules = torch.rand(3, 10, 4, generator=generator).requires_grad_()
     weight = (0.1 * torch.randn(10, 3, 5, 4, generator=generator)).requires_grad_()
     bias = torch.zeros(3, 5, requires_grad=True) if bias else None
     library = CpuRoutingKernel().library_path
-    arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, True, False, library)
+    arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, True, bf16_votes, library)
     torch.library.opcheck(torch.ops.capsnet_hf.route_class_capsules.default, arguments)
 
 
