@@ -12,7 +12,7 @@ from ..cli import CPU_THREADS_HELP, UsageError, cpu_threads_choice, parse_bool
 from ..configuration_capsnet import CapsNetConfig, model_options, option_kind
 from ..data.splits import PAPER_DATASETS
 from ..kernels.cpu_routing import cpu_routing_kernel_mode
-from .mixed_precision import MIXED_PRECISION_CHOICES
+from .mixed_precision import BF16_MIN_SPEEDUP, MIXED_PRECISION_CHOICES
 from .recipes import RECIPES, preset_defaults
 
 # CapsNetConfig options that are no flags: the data set decides them (build_config passes them).
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MIXED_PRECISION_CHOICES,
         default="auto",
         help="'auto' (default): bf16 where the device runs it natively and fast (CUDA with bf16; CPUs with "
-        "AVX512-BF16 or AMX where a start-up probe runs it >= 1.25x faster), else float32 "
+        f"AVX512-BF16 or AMX where a start-up probe runs it >= {BF16_MIN_SPEEDUP}x faster), else float32 "
         "(capsnet_hf.training.mixed_precision); 'no', 'fp16', 'bf16' force it",
     )
     add(

@@ -9,7 +9,7 @@ AVX512-BF16 Xeon without AMX: 1.05-1.17x the time), and on a CPU without them on
   it needs loss scaling);
 - CPU: float32 unless the CPU has AVX512-BF16 or AMX tiles, as reported by PyTorch's cpuinfo probes
   (`torch.cpu._is_avx512_bf16_supported()`, `torch.cpu._is_amx_tile_supported()`; Linux `lscpu` flags
-  `avx512_bf16`, `amx_bf16`); where it has them, a probe of under a second times a primary-capsule convolution's
+  `avx512_bf16`, `amx_bf16`); where it has them, a probe of 1-2 seconds times a primary-capsule convolution's
   forward and backward in both precisions (`cpu_bf16_speedup`), and bf16 is chosen when it ran at least
   `BF16_MIN_SPEEDUP` times faster. With several processes the main process's measurement decides for all;
 - other devices: float32.
@@ -27,8 +27,12 @@ import torch
 import torch.nn.functional as F
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
-# bf16 only where it clearly pays: the CPUs measured so far ran it about 2x faster or no faster at all.
-BF16_MIN_SPEEDUP = 1.25
+# bf16 only where it pays: the probe measured 1.25-1.91x on a CPU whose bf16 training step takes half the float32
+# time, and at most 0.93x where bf16 is no faster (docs/performance.md, "An AMD EPYC Zen 5").
+BF16_MIN_SPEEDUP = 1.1
+# Examples in the probe's convolution: at 8 the per-call casts of its 5.3 M weights weigh more (the first probe of a
+# process measured 0.55-1.26x on the CPU above).
+PROBE_BATCH_SIZE = 16
 
 
 def cpu_native_bf16_features() -> list[str]:
@@ -39,10 +43,10 @@ def cpu_native_bf16_features() -> list[str]:
 
 def cpu_bf16_speedup(repeats: int = 3) -> float:
     """float32 time over bf16-autocast time of one forward and backward of a primary-capsule convolution (the paper
-    model's, 256 -> 256 channels, 9 x 9, stride 2, at batch 8) on this CPU: above 1 where bf16 is faster. Best of
-    `repeats` interleaved runs after two warm-ups each; a local generator leaves the global RNG alone."""
+    model's, 256 -> 256 channels, 9 x 9, stride 2, `PROBE_BATCH_SIZE` examples) on this CPU: above 1 where bf16 is
+    faster. Best of `repeats` interleaved runs after five warm-ups each; a local generator leaves the global RNG alone."""
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(8, 256, 20, 20, generator=generator)
+    features = torch.randn(PROBE_BATCH_SIZE, 256, 20, 20, generator=generator)
     weight = (0.01 * torch.randn(256, 256, 9, 9, generator=generator)).requires_grad_()
 
     def forward_backward(bf16: bool) -> float:
@@ -53,7 +57,9 @@ def cpu_bf16_speedup(repeats: int = 3) -> float:
         weight.grad = None
         return time.perf_counter() - start
 
-    for _ in range(2):  # oneDNN creates each precision's kernels on its first calls
+    # oneDNN creates each precision's kernels on its first calls, and a fresh process's first few calls stay slow:
+    # with two warm-ups the first probe of a process measured 0.73-1.51x where later ones measured 1.37-2.2x
+    for _ in range(5):
         forward_backward(False), forward_backward(True)
     times = {False: [], True: []}
     for _ in range(repeats):
@@ -120,6 +126,7 @@ def describe(precision: str) -> str:
 
 __all__ = [
     "BF16_MIN_SPEEDUP",
+    "PROBE_BATCH_SIZE",
     "MIXED_PRECISION_CHOICES",
     "accelerate_device",
     "cpu_bf16_speedup",
