@@ -40,12 +40,13 @@ def test_auto_precision_follows_the_cpu(monkeypatch, native, speedup):
     no_native_bf16(monkeypatch, native)
     probes = bf16_speedup(monkeypatch, speedup)
     precision, reason = resolve_mixed_precision("auto", "cpu")
-    assert precision == ("bf16" if native and speedup >= mixed_precision.BF16_MIN_SPEEDUP else "no")
+    expected = "bf16" if native and speedup >= mixed_precision.BF16_MIN_SPEEDUP else "no"
+    assert precision == expected
     if native:
         assert probes == [1]
         assert reason == (
             f"auto: this CPU has native bf16 (AVX512-BF16) and ran a convolution {speedup:.2f}x faster in bf16"
-            if precision == "bf16"
+            if expected == "bf16"
             else "auto: this CPU has native bf16 (AVX512-BF16) but ran a convolution only 0.90x as fast in bf16 as "
             "in float32; float32"
         )

@@ -9,7 +9,7 @@ AVX512-BF16 Xeon without AMX: 1.05-1.17x the time), and on a CPU without them on
   it needs loss scaling);
 - CPU: float32 unless the CPU has AVX512-BF16 or AMX tiles, as reported by PyTorch's cpuinfo probes
   (`torch.cpu._is_avx512_bf16_supported()`, `torch.cpu._is_amx_tile_supported()`; Linux `lscpu` flags
-  `avx512_bf16`, `amx_bf16`); where it has them, a probe of 1-2 seconds times a primary-capsule convolution's
+  `avx512_bf16`, `amx_bf16`); where it has them, a probe (1.2-1.7 s on a 2-core Zen 5) times a primary-capsule convolution's
   forward and backward in both precisions (`cpu_bf16_speedup`), and bf16 is chosen when it ran at least
   `BF16_MIN_SPEEDUP` times faster. With several processes the main process's measurement decides for all;
 - other devices: float32.
@@ -30,8 +30,8 @@ MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 # bf16 only where it pays: the probe measured 1.25-1.91x on a CPU whose bf16 training step takes half the float32
 # time, and at most 0.93x where bf16 is no faster (docs/performance.md, "An AMD EPYC Zen 5").
 BF16_MIN_SPEEDUP = 1.1
-# Examples in the probe's convolution: at 8 the per-call casts of its 5.3 M weights weigh more (the first probe of a
-# process measured 0.55-1.26x on the CPU above).
+# Examples in the probe's convolution: at 8 the first probe of a process measured 0.55-1.26x on the CPU above (two
+# warm-ups; 1.11-1.42x with eight), at 16 with five warm-ups 1.25-1.91x.
 PROBE_BATCH_SIZE = 16
 
 
@@ -126,8 +126,8 @@ def describe(precision: str) -> str:
 
 __all__ = [
     "BF16_MIN_SPEEDUP",
-    "PROBE_BATCH_SIZE",
     "MIXED_PRECISION_CHOICES",
+    "PROBE_BATCH_SIZE",
     "accelerate_device",
     "cpu_bf16_speedup",
     "cpu_native_bf16_features",
