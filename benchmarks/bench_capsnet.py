@@ -18,6 +18,8 @@ state, and a fixed order would always give each variant the same predecessor):
   default of ``capsnet-train`` and ``capsnet-eval`` on CPU; it is built before the timings);
 - with ``--compile``: ``infer_compiled`` / ``train_compiled`` with ``torch.compile(model, fullgraph=True)`` (the
   compile time of the first call is reported apart);
+- with ``--peer NAME=FILE:EXPRESSION`` (at 28 px): ``train_peer_<NAME>``, a training step of a peer implementation
+  built from its own file (``peers.py``): its forward and loss, backward, ``torch.optim.Adam``'s default step;
 - with ``--precision bf16`` (``fp32`` is the default, both may be given): ``conv_fwd_bf16``, ``conv_fwd_bwd_bf16``,
   ``infer_bf16``, ``train_bf16`` (and ``infer_kernel_bf16``, ``train_kernel_bf16``), the same calls under bf16
   autocast, each measured against the bf16 bound (the kernel computes in float32 under autocast, but for its votes
@@ -37,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -50,6 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peers import peer_factory, training_loss
 from torch.profiler import ProfilerActivity, profile
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel
@@ -59,6 +63,8 @@ from capsnet_hf.training.optimization import create_optimizer
 
 MIB = 2**20
 BF16_VARIANTS = ("conv_fwd", "conv_fwd_bwd", "infer", "infer_kernel", "train", "train_kernel")
+PROG = "bench_capsnet.py"
+PEER_IMAGE_SIZE = 28  # the MNIST geometry the peers are written for
 
 
 def synchronize(device: torch.device) -> None:
@@ -75,17 +81,24 @@ def build_model(config: CapsNetConfig, device: torch.device, state: dict | None,
     return model
 
 
+def capsnet_loss(forward: Callable, pixels: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The training loss of a CapsNet forward (a model, or its compiled form) on one batch."""
+    return lambda: forward(pixel_values=pixels, labels=labels).loss
+
+
 def make_train_step(
-    model, forward: Callable, pixels: torch.Tensor, labels: torch.Tensor, plain_adam: bool = False
+    model: torch.nn.Module, loss: Callable[[], torch.Tensor], device: torch.device, plain_adam: bool = False
 ) -> Callable[[], None]:
+    """One optimizer step of `model` on `loss()`: with `capsnet-train`'s optimizer, or `torch.optim.Adam`'s default
+    implementation (`plain_adam`, what the peers' own training scripts use)."""
     if plain_adam:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
-        optimizer = create_optimizer(model.parameters(), 1e-3, pixels.device)
+        optimizer = create_optimizer(model.parameters(), 1e-3, device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        forward(pixel_values=pixels, labels=labels).loss.backward()
+        loss().backward()
         optimizer.step()
 
     return step
@@ -194,7 +207,9 @@ def summarize(samples: list[float]) -> dict[str, float]:
     }
 
 
-def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, device: torch.device) -> dict:
+def bench_case(
+    image_size: int, batch_size: int, args: argparse.Namespace, device: torch.device, peers: list[tuple[str, Callable]]
+) -> dict:
     config = CapsNetConfig(image_size=image_size)
     torch.manual_seed(0)
     model = build_model(config, device, None, memory_saver=False)
@@ -211,7 +226,7 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         "conv_fwd": conv_fwd,
         "conv_fwd_bwd": conv_fwd_bwd,
         "infer": infer,
-        "train": make_train_step(model, model, pixels, labels),
+        "train": make_train_step(model, capsnet_loss(model, pixels, labels), device),
     }
     kernel_model = None
     if args.cpu_routing_kernel != "false":
@@ -222,14 +237,21 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
                 kernel_model.capsnet(pixels)
 
         functions["infer_kernel"] = infer_kernel
-        functions["train_kernel"] = make_train_step(kernel_model, kernel_model, pixels, labels)
+        functions["train_kernel"] = make_train_step(kernel_model, capsnet_loss(kernel_model, pixels, labels), device)
     if args.plain_adam:
         plain_model = build_model(config, device, state, memory_saver=False)
-        functions["train_plain_adam"] = make_train_step(plain_model, plain_model, pixels, labels, plain_adam=True)
+        functions["train_plain_adam"] = make_train_step(
+            plain_model, capsnet_loss(plain_model, pixels, labels), device, plain_adam=True
+        )
+    if image_size == PEER_IMAGE_SIZE:
+        for name, build_peer in peers:
+            peer = build_peer().to(device).train()
+            loss = functools.partial(training_loss, name, peer, pixels, labels)
+            functions[f"train_peer_{name}"] = make_train_step(peer, loss, device, plain_adam=True)
     saver = None
     if not args.no_saver:
         saver = build_model(config, device, state, memory_saver=True)
-        functions["train_saver"] = make_train_step(saver, saver, pixels, labels)
+        functions["train_saver"] = make_train_step(saver, capsnet_loss(saver, pixels, labels), device)
     result = {"image_size": image_size, "batch_size": batch_size, "num_primary_capsules": config.num_primary_capsules}
     if args.compile:
         # Without a reset, the compiled code of an earlier case would make this one recompile with a dynamic batch
@@ -243,7 +265,7 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
             with torch.no_grad():
                 compiled_encoder(pixels)
 
-        train_compiled = make_train_step(compiled_model, compiled, pixels, labels)
+        train_compiled = make_train_step(compiled_model, capsnet_loss(compiled, pixels, labels), device)
         compile_seconds = {}
         for name, function in (("infer_compiled", infer_compiled), ("train_compiled", train_compiled)):
             start = time.perf_counter()
@@ -253,8 +275,8 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         result["first_call_seconds"] = compile_seconds
 
     if "bf16" in args.precision:
-        bf16 = {f"{name}_bf16": under_bf16_autocast(functions[name], device) for name in BF16_VARIANTS}
-        functions.update((name, function) for name, function in bf16.items() if name[: -len("_bf16")] in functions)
+        in_bf16 = [name for name in functions if name in BF16_VARIANTS or name.startswith("train_peer_")]
+        functions.update({f"{name}_bf16": under_bf16_autocast(functions[name], device) for name in in_bf16})
     if "fp32" not in args.precision:
         functions = {name: function for name, function in functions.items() if name.endswith("_bf16")}
     if args.memory_only:
@@ -284,7 +306,7 @@ def bench_case(image_size: int, batch_size: int, args: argparse.Namespace, devic
         variants = [("train", model)] + ([] if saver is None else [("train_saver", saver)])
         variants += [] if kernel_model is None else [("train_kernel", kernel_model)]
         for name, variant in variants:
-            step = make_train_step(variant, variant, pixels, labels)
+            step = make_train_step(variant, capsnet_loss(variant, pixels, labels), device)
             step()  # gradients and Adam state exist before the measured step, as in training
             memory[name] = {
                 "peak_mib": peak_step_memory(step, device) / MIB,
@@ -341,9 +363,11 @@ def print_table(results: list[dict]) -> None:
         "train_compiled",
     ]
     columns += ["train_saver", *(f"{name}_bf16" for name in BF16_VARIANTS)]
+    columns += dict.fromkeys(name for r in results for name in r["times"] if name.startswith("train_peer_"))
     present = [name for name in columns if any(name in r["times"] for r in results)]
+    width = {name: max(16, len(name)) for name in present}
     header = f"{'px':>4} {'B':>4} {'I':>6} |" + "".join(
-        f" {name:>16}" if name.startswith("conv") else f" {name:>16} {'x':>5}" for name in present
+        f" {name:>{width[name]}}" + ("" if name.startswith("conv") else f" {'x':>5}") for name in present
     )
     # Memory: the plain step's peak, the saver's and the kernel's peaks, and the plain step's saved bytes.
     peaks = [
@@ -357,7 +381,7 @@ def print_table(results: list[dict]) -> None:
         line = f"{r['image_size']:>4} {r['batch_size']:>4} {r['num_primary_capsules']:>6} |"
         for name in present:
             time_ms = r["times"].get(name, {}).get("median_ms")
-            line += f" {time_ms:16.1f}" if time_ms is not None else f" {'-':>16}"
+            line += f" {time_ms:{width[name]}.1f}" if time_ms is not None else f" {'-':>{width[name]}}"
             if not name.startswith("conv"):
                 ratio = r["ratio_to_conv_bound"].get(name, {}).get("median")
                 line += f" {ratio:5.2f}" if ratio is not None else f" {'-':>5}"
@@ -400,7 +424,7 @@ def write_json(path: Path, args: argparse.Namespace, device: torch.device, **res
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's figures use 2)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32, 128])
@@ -431,6 +455,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["fp32"],
         help="time in float32 and/or under bf16 autocast (the bf16 variants get a _bf16 suffix)",
     )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=FILE:EXPRESSION",
+        help=f"also time a peer implementation's training step, at {PEER_IMAGE_SIZE} px only (peers.py)",
+    )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
     try:
@@ -457,22 +488,27 @@ def main(argv: list[str] | None = None) -> int:
             load_kernel_library()  # build it before the timings
         except KernelBuildError as error:
             if args.cpu_routing_kernel == "true":
-                print(f"error: {error}", file=sys.stderr)
+                print(f"{PROG}: error: {error}", file=sys.stderr)
                 return 2
             print(f"no CPU routing kernel columns: {str(error).splitlines()[0]}", file=sys.stderr)
             args.cpu_routing_kernel = "false"
     results = []
-    for image_size, batch_size in itertools.product(args.image_size, args.batch_size):
-        load_before = load_average()
-        result = bench_case(image_size, batch_size, args, device)
-        result["load_average_before"] = load_before
-        result["load_average_after"] = load_average()
-        results.append(result)
-        print(
-            f"done {image_size}px batch {batch_size}: load {load_before} -> {result['load_average_after']}",
-            file=sys.stderr,
-            flush=True,
-        )
+    try:
+        peers = [peer_factory(spec) for spec in args.peer]
+        for image_size, batch_size in itertools.product(args.image_size, args.batch_size):
+            load_before = load_average()
+            result = bench_case(image_size, batch_size, args, device, peers)
+            result["load_average_before"] = load_before
+            result["load_average_after"] = load_average()
+            results.append(result)
+            print(
+                f"done {image_size}px batch {batch_size}: load {load_before} -> {result['load_average_after']}",
+                file=sys.stderr,
+                flush=True,
+            )
+    except ValueError as error:  # a --peer spec or model that does not keep the contract of peers.py
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     print_table(results)
     if args.json is not None:
         write_json(args.json, args, device, results=results)

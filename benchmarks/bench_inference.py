@@ -10,13 +10,12 @@ kept outside this repository:
         --peer xifengguo=/path/to/CapsNet-Pytorch/capsulenet.py:"CapsuleNet([1, 28, 28], 10, 3)" --json inference.json
 
 `--peer NAME=FILE:EXPRESSION` imports FILE as a module and evaluates EXPRESSION in its namespace to build a model
-that takes `[B, 1, 28, 28]` float images (its forward is called with the images alone, in eval mode).
+that takes `[B, 1, 28, 28]` float images (its forward is called with the images alone, in eval mode; peers.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import random
@@ -27,25 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peers import peer_factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package, installed or not
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel  # noqa: E402
 from capsnet_hf.kernels.cpu_routing import KernelBuildError  # noqa: E402
 from capsnet_hf.training.mixed_precision import cpu_native_bf16_features  # noqa: E402
-
-
-def load_peer(spec: str) -> tuple[str, torch.nn.Module]:
-    """`NAME=FILE:EXPRESSION` -> (name, model built by EXPRESSION in FILE's namespace)."""
-    name, _, location = spec.partition("=")
-    path, _, expression = location.partition(":")
-    if not name or not path or not expression:
-        raise ValueError(f"--peer takes NAME=FILE:EXPRESSION, got {spec!r}")
-    module_spec = importlib.util.spec_from_file_location(f"peer_{name}", path)
-    if module_spec is None or not Path(path).is_file():
-        raise ValueError(f"--peer {name}: {path!r} is not a Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return name, eval(expression, vars(module))  # noqa: S307 (the user's own expression, as on a command line)
 
 
 def variants(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[torch.Tensor], object]]:
@@ -61,8 +47,8 @@ def variants(args: argparse.Namespace, device: torch.device) -> dict[str, Callab
         except KernelBuildError as error:
             print(f"no kernel variant: {str(error).splitlines()[0]}", file=sys.stderr)
     for spec in args.peer:
-        name, peer = load_peer(spec)
-        calls[f"peer_{name}"] = peer.to(device).eval()
+        name, build_peer = peer_factory(spec)
+        calls[f"peer_{name}"] = build_peer().to(device).eval()
     timed = {}
     for precision in args.precision:
         for name, call in calls.items():

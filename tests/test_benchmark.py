@@ -185,16 +185,37 @@ def test_bench_capsnet_bf16_variants_run_beside_fp32(bench, tmp_path):
     assert {f"{name}_bf16" for name in bench.BF16_VARIANTS} <= set(times) and "train" in times
 
 
-def test_bench_inference_reports_latency_and_throughput_beside_a_peer(tmp_path, capsys):
+PEER_SOURCE = """import torch
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, loss=True):
+        super().__init__()
+        self.fc = torch.nn.Linear(784, 10)
+        self.loss = loss
+
+    def forward(self, x, labels=None):
+        logits = self.fc(x.flatten(1))
+        if labels is None:
+            return logits
+        return torch.nn.functional.cross_entropy(logits, labels) if self.loss else logits
+"""
+
+
+@pytest.fixture
+def peer_file(tmp_path):
+    """A peer model file as peers.py describes: `Linear()` keeps the contract, `Linear(loss=False)` returns logits
+    where a training loss is due."""
+    path = tmp_path / "peer.py"
+    path.write_text(PEER_SOURCE)
+    return path
+
+
+def test_bench_inference_reports_latency_and_throughput_beside_a_peer(peer_file, tmp_path, capsys):
     inference = load_script("bench_inference")
-    peer = tmp_path / "peer.py"
-    peer.write_text(
-        "import torch\n\nclass Linear(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        self.fc = torch.nn.Linear(784, 10)\n\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n"
-    )
     output = tmp_path / "inference.json"
     argv = ["--threads", "1", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0", "--precision", "fp32",
-            "bf16", "--peer", f"linear={peer}:Linear()", "--json", str(output)]  # fmt: skip
+            "bf16", "--peer", f"linear={peer_file}:Linear()", "--json", str(output)]  # fmt: skip
     assert inference.main(argv) == 0
     rows = json.loads(output.read_text())["results"]
     names = {row["variant"] for row in rows}
@@ -202,3 +223,20 @@ def test_bench_inference_reports_latency_and_throughput_beside_a_peer(tmp_path, 
     assert all(row["images_per_second"] > 0 and row["batch_size"] in (1, 2) for row in rows)
     assert "images/s" in capsys.readouterr().out
     assert inference.main(["--peer", "broken"]) == 2
+
+
+def test_bench_capsnet_times_a_peer_training_step_at_28_px(bench, peer_file, tmp_path, capsys):
+    output = tmp_path / "peer.json"
+    argv = [*KERNEL_CASE, "--image-size", "28", "30", "--precision", "fp32", "bf16", "--json", str(output)]
+    assert bench.main([*argv, "--peer", f"linear={peer_file}:Linear()"]) == 0
+    at_28, at_30 = json.loads(output.read_text())["results"]
+    assert {"train_peer_linear", "train_peer_linear_bf16"} <= set(at_28["ratio_to_conv_bound"])
+    assert not [name for name in at_30["times"] if "peer" in name]
+    assert "train_peer_linear_bf16" in capsys.readouterr().out
+    output.unlink()
+    assert bench.main([*argv, "--peer", f"logits={peer_file}:Linear(loss=False)"]) == 2
+    assert "--peer logits: model(pixels, labels) must return the training loss" in capsys.readouterr().err
+    assert not output.exists()
+    assert bench.main([*argv, "--peer", "broken"]) == 2
+    assert bench.main([*argv, "--peer", f"missing={tmp_path / 'missing.py'}:Linear()"]) == 2
+    assert "bench_capsnet.py: error: --peer missing: " in capsys.readouterr().err and not output.exists()
