@@ -105,9 +105,14 @@ def assert_same_training(plain, fast, steps: int = 1) -> None:
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_training_uses_kernel_and_matches_torch_path(kernel_calls):
-    """Losses and gradients over three Adam steps: the packed weight follows every optimizer step."""
-    plain, fast = twin_models()
+@pytest.mark.parametrize(
+    "overrides", [{}, {"primary_capsule_dim": 8, "primary_kernel_size": 4}], ids=["dim4-32-inputs", "dim8-50-inputs"]
+)
+def test_training_uses_kernel_and_matches_torch_path(kernel_calls, overrides):
+    """Losses and gradients over three Adam steps: the packed weight follows every optimizer step. With the paper's
+    capsule dimension 8 on 50 input capsules (a 5 x 5 grid) the re-layouts take both their paths: whole vectors of
+    inputs (transposed 8 x 8 at a time) and a partial last one."""
+    plain, fast = twin_models(**overrides)
     assert_same_training(plain, fast, steps=3)
     assert kernel_calls == [5, 5, 5]
 

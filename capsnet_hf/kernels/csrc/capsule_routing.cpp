@@ -48,8 +48,10 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define CAPSNET_BF16_VOTES 1
 #else
 #define CAPSNET_BF16_VOTES 0
@@ -94,9 +96,49 @@ inline Vec round_to_bf16(Vec x) {
 // Words of bf16 pairs: `low` in the low half (the pair's first element, as vdpbf16ps reads it).
 inline WordVec bf16_pairs(Vec low, Vec high) { return bf16_bits(low) | (bf16_bits(high) << 16); }
 
+#if defined(__AVX__)
+// Eight rows of eight floats (row r at rows + r * stride) transposed: dimension a of the eight rows at target + a *
+// step, for a < 8 (an AVX 8 x 8 transpose: unpack pairs, shuffle quads, swap 128-bit halves).
+inline void transpose_8x8(const float* rows, int64_t stride, float* target, int64_t step) {
+  __m256 r[8], t[8], q[8];
+  for (int64_t row = 0; row < 8; ++row) r[row] = _mm256_loadu_ps(rows + row * stride);
+  for (int64_t pair = 0; pair < 4; ++pair) {
+    t[2 * pair] = _mm256_unpacklo_ps(r[2 * pair], r[2 * pair + 1]);
+    t[2 * pair + 1] = _mm256_unpackhi_ps(r[2 * pair], r[2 * pair + 1]);
+  }
+  for (int64_t quad = 0; quad < 2; ++quad) {
+    __m256* in = t + 4 * quad;
+    q[4 * quad] = _mm256_shuffle_ps(in[0], in[2], 0x44);
+    q[4 * quad + 1] = _mm256_shuffle_ps(in[0], in[2], 0xee);
+    q[4 * quad + 2] = _mm256_shuffle_ps(in[1], in[3], 0x44);
+    q[4 * quad + 3] = _mm256_shuffle_ps(in[1], in[3], 0xee);
+  }
+  for (int64_t a = 0; a < 4; ++a) {
+    _mm256_storeu_ps(target + a * step, _mm256_permute2f128_ps(q[a], q[a + 4], 0x20));
+    _mm256_storeu_ps(target + (a + 4) * step, _mm256_permute2f128_ps(q[a], q[a + 4], 0x31));
+  }
+}
+#endif
+
 // Stores L capsules' A floats (capsule l's at rows + l * stride for l < lanes, zeros beyond) lane-minor, as A
 // vectors [A, L] (dimension a of every lane in one vector), or with `pairs` as ceil(A / 2) vectors of bf16 pair words.
 inline void pack_tile(const float* rows, int64_t stride, int64_t lanes, int64_t A, bool pairs, float* target) {
+#if defined(__AVX__)
+  // the common case (the paper's A = 8, whole vectors) as transposes, which the weight's re-layout waits on at small
+  // batches (docs/performance.md)
+  if (A == 8 && lanes == kLanes) {
+    float dims[8 * kLanes];  // [A, L] before the bf16 pairs
+    float* floats = pairs ? dims : target;
+    for (int64_t half = 0; half < kLanes / 8; ++half)  // lanes 8 half .. 8 half + 7
+      transpose_8x8(rows + half * 8 * stride, stride, floats + half * 8, kLanes);
+    if (pairs)
+      for (int64_t m = 0; m < 4; ++m) {
+        const WordVec words = bf16_pairs(load(dims + 2 * m * kLanes), load(dims + (2 * m + 1) * kLanes));
+        std::memcpy(target + m * kLanes, &words, sizeof(words));
+      }
+    return;
+  }
+#endif
   if (!pairs) {
     for (int64_t a = 0; a < A; ++a)
       for (int64_t lane = 0; lane < kLanes; ++lane) target[a * kLanes + lane] = lane < lanes ? rows[lane * stride + a] : 0.0f;
