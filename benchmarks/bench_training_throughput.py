@@ -9,7 +9,11 @@ reconstruction loss), backward, and the optimizer step with the fused Adam ``cap
 - ``bf16``: ``torch.autocast(dtype=torch.bfloat16)`` around forward and loss (squash, capsule lengths and the
   losses stay float32, as in ``capsnet-train --mixed_precision bf16``);
 - ``fp32-compile`` / ``bf16-compile``: the same with ``torch.compile(model, fullgraph=True)``; the first, compiling
-  step is timed apart (``compile_s``).
+  step is timed apart (``compile_s``). ``--compile-mode`` passes torch.compile's ``mode`` (``reduce-overhead``: CUDA
+  graphs; ``max-autotune``: also autotuned kernels).
+
+``--channels-last`` puts the convolutions' weights and every batch of pixels in ``torch.channels_last`` memory format
+(NHWC convolutions, as cuDNN prefers them in bf16), for every mode.
 
 For each (mode, batch size), on a freshly initialised model: ``--warmup`` untimed steps, then ``--windows`` windows
 of ``--steps`` steps, the device synchronised only at the ends of a window (so the host queues work ahead, as in
@@ -49,6 +53,7 @@ from capsnet_hf.data.splits import load_splits
 from capsnet_hf.training.optimization import create_optimizer
 
 MODES = ("fp32", "bf16", "fp32-compile", "bf16-compile")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MIB = 2**20
 
 
@@ -62,11 +67,15 @@ class TrainingSteps:
         self.transform = BatchTransform(data.image_size, max_shift=2)
         self.autocast_dtype = torch.bfloat16 if mode.startswith("bf16") else None
         torch.manual_seed(args.seed)
-        self.model = CapsNetForImageClassification(CapsNetConfig()).to(self.device).train()
-        self.forward = self.model
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        model = CapsNetForImageClassification(CapsNetConfig()).to(self.device)
+        for module in model.modules():  # the convolutions only: the class capsules' 4-d weight is no image
+            if isinstance(module, torch.nn.Conv2d):
+                module.to(memory_format=self.memory_format)
+        self.model = self.forward = model.train()
         if mode.endswith("-compile"):
             torch.compiler.reset()  # static shapes for this batch size, not a dynamic recompile of an earlier case
-            self.forward = torch.compile(self.model, fullgraph=True, backend=args.compile_backend)
+            self.forward = torch.compile(model, fullgraph=True, backend=args.compile_backend, mode=args.compile_mode)
         self.optimizer = create_optimizer(self.model.parameters(), 1e-3, self.device)
         self.order, self.step = EpochOrder(len(data), args.seed, self.device), 0
 
@@ -74,6 +83,7 @@ class TrainingSteps:
         epoch, position = divmod(self.step, self.steps_per_epoch)
         batch = self.data.batch(self.order.indices(epoch, position * self.batch_size, self.batch_size))
         pixel_values = self.transform(batch["pixel_values"], make_generator(self.device, self.seed, self.step))
+        pixel_values = pixel_values.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = self.forward(pixel_values=pixel_values, labels=batch["labels"]).loss
         loss.backward()
@@ -177,6 +187,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["fp32", "bf16", "bf16-compile"])
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the -compile modes")
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode of the -compile modes (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="conv weights and pixels in torch.channels_last memory format"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the compiling step")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
