@@ -12,8 +12,9 @@ reconstruction loss), backward, and the optimizer step with the fused Adam ``cap
   step is timed apart (``compile_s``). ``--compile-mode`` passes torch.compile's ``mode`` (``reduce-overhead``: CUDA
   graphs; ``max-autotune``: also autotuned kernels).
 
-``--channels-last`` puts the convolutions' weights and every batch of pixels in ``torch.channels_last`` memory format
-(NHWC convolutions, as cuDNN prefers them in bf16), for every mode.
+``--memory-formats channels_last`` puts the convolutions' weights and every batch of pixels in
+``torch.channels_last`` memory format (NHWC convolutions, as cuDNN prefers them in bf16); with ``contiguous
+channels_last`` every mode runs in both, in the same process.
 
 For each (mode, batch size), on a freshly initialised model: ``--warmup`` untimed steps, then ``--windows`` windows
 of ``--steps`` steps, the device synchronised only at the ends of a window (so the host queues work ahead, as in
@@ -54,20 +55,23 @@ from capsnet_hf.training.optimization import create_optimizer
 
 MODES = ("fp32", "bf16", "fp32-compile", "bf16-compile")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MIB = 2**20
 
 
 class TrainingSteps:
     """Callable running one ``capsnet-train`` MNIST step on device-resident data; returns the detached loss."""
 
-    def __init__(self, mode: str, data: ImageTensorDataset, batch_size: int, args: argparse.Namespace):
+    def __init__(
+        self, mode: str, data: ImageTensorDataset, batch_size: int, args: argparse.Namespace, memory_format: str
+    ):
         self.device = data.device
         self.data, self.batch_size, self.seed = data, batch_size, args.seed
         self.steps_per_epoch = len(data) // batch_size
         self.transform = BatchTransform(data.image_size, max_shift=2)
         self.autocast_dtype = torch.bfloat16 if mode.startswith("bf16") else None
         torch.manual_seed(args.seed)
-        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.memory_format = MEMORY_FORMATS[memory_format]
         model = CapsNetForImageClassification(CapsNetConfig()).to(self.device)
         for module in model.modules():  # the convolutions only: the class capsules' 4-d weight is no image
             if isinstance(module, torch.nn.Conv2d):
@@ -105,10 +109,13 @@ def profile_table(run_step: TrainingSteps, steps: int, rows: int) -> str:
     return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
-def bench_mode(mode: str, data: ImageTensorDataset, batch_size: int, args: argparse.Namespace) -> dict:
+def bench_mode(
+    mode: str, data: ImageTensorDataset, batch_size: int, args: argparse.Namespace, memory_format: str
+) -> dict:
     device = data.device
-    run_step = TrainingSteps(mode, data, batch_size, args)
-    result = {"mode": mode, "batch_size": batch_size, "load_average_before": load_average()}
+    run_step = TrainingSteps(mode, data, batch_size, args, memory_format)
+    result = {"mode": mode, "batch_size": batch_size, "memory_format": memory_format}
+    result["load_average_before"] = load_average()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if mode.endswith("-compile"):
@@ -159,7 +166,7 @@ def load_data(args: argparse.Namespace, device: torch.device) -> tuple[ImageTens
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'mode':>13} {'B':>5} | {'images/s':>10} {'(min-max)':>17} {'ms/step':>9} {'epoch s':>9}"
+    header = f"{'mode':>13} {'B':>5} {'format':>13} | {'images/s':>10} {'(min-max)':>17} {'ms/step':>9} {'epoch s':>9}"
     header += f" {'compile s':>9} {'peak MiB':>9} {'loss':>7}"
     print(header)
     print("-" * len(header))
@@ -169,12 +176,12 @@ def print_table(results: list[dict]) -> None:
         compile_s = f"{r['compile_s']:9.1f}" if "compile_s" in r else f"{'-':>9}"
         peak = f"{r['peak_memory_mib']:9.0f}" if "peak_memory_mib" in r else f"{'-':>9}"
         print(
-            f"{r['mode']:>13} {r['batch_size']:>5} | {rate['median']:10.1f} {spread:>17} {r['step_ms']:9.2f}"
+            f"{r['mode']:>13} {r['batch_size']:>5} {r['memory_format']:>13} | {rate['median']:10.1f} {spread:>17} {r['step_ms']:9.2f}"
             f" {r['epoch_s']:9.1f} {compile_s} {peak} {r['loss_last_window']:7.4f}"
         )
     for r in results:
         if "profile" in r:
-            print(f"\nprofile, {r['mode']}, batch {r['batch_size']}:\n{r['profile']}")
+            print(f"\nprofile, {r['mode']}, batch {r['batch_size']}, {r['memory_format']}:\n{r['profile']}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -194,7 +201,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile mode of the -compile modes (reduce-overhead: CUDA graphs)",
     )
     parser.add_argument(
-        "--channels-last", action="store_true", help="conv weights and pixels in torch.channels_last memory format"
+        "--memory-formats",
+        nargs="+",
+        choices=list(MEMORY_FORMATS),
+        default=["contiguous"],
+        help="the convolutions' weights and pixels in each of these memory formats (channels_last: NHWC)",
     )
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the compiling step")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
@@ -227,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"data: {description}, on {device}", file=sys.stderr)
     results = []
-    for mode, batch_size in itertools.product(args.modes, args.batch_size):
-        results.append(bench_mode(mode, data, batch_size, args))
-        print(f"done {mode} batch {batch_size}", file=sys.stderr, flush=True)
+    for memory_format, mode, batch_size in itertools.product(args.memory_formats, args.modes, args.batch_size):
+        results.append(bench_mode(mode, data, batch_size, args, memory_format))
+        print(f"done {mode} batch {batch_size} {memory_format}", file=sys.stderr, flush=True)
     print_table(results)
     if args.json is not None:
         write_json(args.json, args, device, data=description, results=results)

@@ -101,20 +101,22 @@ def test_training_throughput_runs_every_mode_and_profiles(throughput, tmp_path, 
     assert "fp32-compile" in capsys.readouterr().out
 
 
-def test_training_throughput_channels_last_and_compile_mode(throughput, tmp_path):
-    """The GPU knobs run on the CPU too: NHWC convolutions, and torch.compile's mode passed through."""
+def test_training_throughput_memory_formats_and_compile_mode(throughput, tmp_path):
+    """The GPU knobs run on the CPU too: every mode in NCHW and NHWC convolutions in one run, and torch.compile's
+    mode passed through."""
     output = tmp_path / "throughput.json"
     argv = ["--threads", "1", "--synthetic-examples", "8", "--batch-size", "4", "--steps", "1", "--windows", "1"]
-    argv += ["--warmup", "0", "--modes", "fp32", "fp32-compile", "--compile-backend", "aot_eager", "--channels-last"]
-    assert throughput.main([*argv, "--compile-mode", "max-autotune-no-cudagraphs", "--json", str(output)]) == 0
+    argv += ["--warmup", "0", "--modes", "fp32", "fp32-compile", "--compile-backend", "aot_eager"]
+    argv += ["--memory-formats", "contiguous", "channels_last", "--compile-mode", "max-autotune-no-cudagraphs"]
+    assert throughput.main([*argv, "--json", str(output)]) == 0
     payload = json.loads(output.read_text())
-    assert (
-        payload["args"]["channels_last"] == "True" and payload["args"]["compile_mode"] == "max-autotune-no-cudagraphs"
-    )
+    cases = {(r["mode"], r["memory_format"]) for r in payload["results"]}
+    assert cases == {(mode, form) for mode in ("fp32", "fp32-compile") for form in ("contiguous", "channels_last")}
     assert all(0 < r["loss_last_window"] < 10 for r in payload["results"])
+    assert payload["args"]["compile_mode"] == "max-autotune-no-cudagraphs"
     args = throughput.parse_args(argv)
     data, _ = throughput.load_data(args, torch.device("cpu"))
-    encoder = throughput.TrainingSteps("fp32", data, 4, args).model.capsnet.members[0]
+    encoder = throughput.TrainingSteps("fp32", data, 4, args, "channels_last").model.capsnet.members[0]
     assert encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert encoder.primary_capsules.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert encoder.class_capsules.weight.is_contiguous()
