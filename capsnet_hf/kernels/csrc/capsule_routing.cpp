@@ -410,60 +410,68 @@ void in_sweeps(int64_t count, bool tiled, const Sweep& sweep) {
   for (; e < count; ++e) sweep(e, std::integral_constant<int64_t, 1>{});
 }
 
+// One input block's votes for a block's count examples, in sweeps of up to kWidest (in_sweeps): u[slot] points at
+// example e + slot's words of the block (inputs + (e + slot) * stride), and votes(fixed, examples, u) runs a
+// capsule_votes-like sweep with `fixed` words per input capsule compiled in (kFixed where width is that, else 0, one
+// example at a time) and `examples` examples.
+template <int64_t kWidest, int64_t kFixed, typename Word, typename PointAt, typename Votes>
+void sweep_block(int64_t count, int64_t width, const Word* inputs, int64_t stride, const PointAt& point_at,
+                 const Votes& votes) {
+  in_sweeps<kWidest>(count, width == kFixed, [&](int64_t e, auto examples) {
+    constexpr int64_t kExamples = decltype(examples)::value;
+    const Word* u[kWidest];
+    for (int64_t slot = 0; slot < kExamples; ++slot) {
+      point_at(slot, e + slot);
+      u[slot] = inputs + (e + slot) * stride;
+    }
+    if (width == kFixed || kExamples > 1)
+      votes(std::integral_constant<int64_t, kFixed>{}, examples, u);
+    else
+      votes(std::integral_constant<int64_t, 0>{}, std::integral_constant<int64_t, 1>{}, u);
+  });
+}
+
 // Votes u_hat[i, j, k] = sum_a W[i, j, k, a] u[i, a] (Eq. 2) of examples first .. first + count - 1 into the
 // workspace, and with kFirstSums their sums over i (the first iteration's s_j without the 1/J); each weight vector
 // serves the block.
 template <bool kFirstSums>
 void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t count) {
-  const int64_t I = p.inputs_per_example, A = p.input_dim, JK = p.parents * p.pose_dim;
+  const int64_t I = p.inputs_per_example, A = p.input_dim, JK = p.parents * p.pose_dim, P = p.padded_inputs;
   const int64_t width = p.bf16_votes ? pair_words(p) : A;  // words per input capsule in the packed layouts
   for (int64_t e = 0; e < count; ++e) {
-    float* target = p.bf16_votes ? reinterpret_cast<float*>(ws.input_pairs.data() + e * width * p.padded_inputs)
-                                 : ws.inputs.data() + e * A * p.padded_inputs;
-    for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
+    float* target = p.bf16_votes ? reinterpret_cast<float*>(ws.input_pairs.data() + e * width * P)
+                                 : ws.inputs.data() + e * A * P;
+    for (int64_t v = 0; v < P / kLanes; ++v) {
       const int64_t lanes = std::min(kLanes, I - v * kLanes);
       pack_tile(p.inputs + ((first + e) * I + v * kLanes) * A, A, lanes, A, p.bf16_votes, target + v * width * kLanes);
     }
   }
   if constexpr (kFirstSums) std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
-  for (int64_t v = 0; v < p.padded_inputs / kLanes; ++v) {
+  for (int64_t v = 0; v < P / kLanes; ++v) {
     float* out[4];  // a sweep's examples: up to 2 in float32, 4 with bf16 pairs (16 registers of inputs either way)
     Vec* first_sum[4] = {};
     const auto point_at = [&](int64_t slot, int64_t e) {
-      out[slot] = ws.votes.get() + e * JK * p.padded_inputs + v * JK * kLanes;
+      out[slot] = ws.votes.get() + e * JK * P + v * JK * kLanes;
       if constexpr (kFirstSums) first_sum[slot] = ws.first_sums.data() + e * JK;
     };
+    const int64_t block = v * width * kLanes;  // words before this block: packed inputs per example, weight per jk
 #if CAPSNET_BF16_VOTES
     if (p.bf16_votes) {
-      const uint32_t* weight = reinterpret_cast<const uint32_t*>(p.packed_weight) + v * JK * width * kLanes;
-      const uint32_t* u[4];
-      in_sweeps<4>(count, width == 4, [&](int64_t e, auto examples) {
-        constexpr int64_t kExamples = decltype(examples)::value;
-        for (int64_t slot = 0; slot < kExamples; ++slot) {
-          point_at(slot, e + slot);
-          u[slot] = ws.input_pairs.data() + (e + slot) * width * p.padded_inputs + v * width * kLanes;
-        }
-        if (width == 4 || kExamples > 1)
-          capsule_votes_bf16<4, kExamples, kFirstSums>(weight, u, width, JK, out, first_sum);
-        else
-          capsule_votes_bf16<0, 1, kFirstSums>(weight, u, width, JK, out, first_sum);
-      });
+      const uint32_t* weight = reinterpret_cast<const uint32_t*>(p.packed_weight) + JK * block;
+      sweep_block<4, 4>(count, width, ws.input_pairs.data() + block, width * P, point_at,
+                        [&](auto pairs, auto examples, const uint32_t* const* u) {
+                          capsule_votes_bf16<decltype(pairs)::value, decltype(examples)::value, kFirstSums>(
+                              weight, u, width, JK, out, first_sum);
+                        });
       continue;
     }
 #endif
-    const float* weight = p.packed_weight + v * JK * A * kLanes;
-    const float* u[2];
-    in_sweeps<2>(count, A == 8, [&](int64_t e, auto examples) {
-      constexpr int64_t kExamples = decltype(examples)::value;
-      for (int64_t slot = 0; slot < kExamples; ++slot) {
-        point_at(slot, e + slot);
-        u[slot] = ws.inputs.data() + (e + slot) * A * p.padded_inputs + v * A * kLanes;
-      }
-      if (A == 8 || kExamples > 1)
-        capsule_votes<8, kExamples, kFirstSums>(weight, u, A, JK, out, first_sum);
-      else
-        capsule_votes<0, 1, kFirstSums>(weight, u, A, JK, out, first_sum);
-    });
+    const float* weight = p.packed_weight + JK * block;
+    sweep_block<2, 8>(count, width, ws.inputs.data() + block, width * P, point_at,
+                      [&](auto dims, auto examples, const float* const* u) {
+                        capsule_votes<decltype(dims)::value, decltype(examples)::value, kFirstSums>(
+                            weight, u, width, JK, out, first_sum);
+                      });
   }
 }
 
