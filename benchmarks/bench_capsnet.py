@@ -53,7 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peers import peer_factory, training_loss
+from peers import PeerError, peer_factory, training_loss
 from torch.profiler import ProfilerActivity, profile
 
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    except ValueError as error:  # a --peer spec or model that does not keep the contract of peers.py
+    except PeerError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print_table(results)

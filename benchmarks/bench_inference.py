@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peers import peer_factory
+from peers import PeerError, peer_factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package, installed or not
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel  # noqa: E402
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rows = bench(args, device)
-    except ValueError as error:
+    except PeerError as error:
         print(f"bench_inference.py: error: {error}", file=sys.stderr)
         return 2
     print_table(rows)
