@@ -114,8 +114,12 @@ def bench_mode(
 ) -> dict:
     device = data.device
     run_step = TrainingSteps(mode, data, batch_size, args, memory_format)
-    result = {"mode": mode, "batch_size": batch_size, "memory_format": memory_format}
-    result["load_average_before"] = load_average()
+    result = {
+        "mode": mode,
+        "batch_size": batch_size,
+        "memory_format": memory_format,
+        "load_average_before": load_average(),
+    }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if mode.endswith("-compile"):
@@ -166,8 +170,8 @@ def load_data(args: argparse.Namespace, device: torch.device) -> tuple[ImageTens
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'mode':>13} {'B':>5} {'format':>13} | {'images/s':>10} {'(min-max)':>17} {'ms/step':>9} {'epoch s':>9}"
-    header += f" {'compile s':>9} {'peak MiB':>9} {'loss':>7}"
+    header = f"{'mode':>13} {'B':>5} {'format':>13} | {'images/s':>10} {'(min-max)':>17}"
+    header += f" {'ms/step':>9} {'epoch s':>9} {'compile s':>9} {'peak MiB':>9} {'loss':>7}"
     print(header)
     print("-" * len(header))
     for r in results:
@@ -176,8 +180,8 @@ def print_table(results: list[dict]) -> None:
         compile_s = f"{r['compile_s']:9.1f}" if "compile_s" in r else f"{'-':>9}"
         peak = f"{r['peak_memory_mib']:9.0f}" if "peak_memory_mib" in r else f"{'-':>9}"
         print(
-            f"{r['mode']:>13} {r['batch_size']:>5} {r['memory_format']:>13} | {rate['median']:10.1f} {spread:>17} {r['step_ms']:9.2f}"
-            f" {r['epoch_s']:9.1f} {compile_s} {peak} {r['loss_last_window']:7.4f}"
+            f"{r['mode']:>13} {r['batch_size']:>5} {r['memory_format']:>13} | {rate['median']:10.1f} {spread:>17}"
+            f" {r['step_ms']:9.2f} {r['epoch_s']:9.1f} {compile_s} {peak} {r['loss_last_window']:7.4f}"
         )
     for r in results:
         if "profile" in r:

@@ -9,9 +9,9 @@ AVX512-BF16 Xeon without AMX: 1.05-1.17x the time), and on a CPU without them on
   it needs loss scaling);
 - CPU: float32 unless the CPU has AVX512-BF16 or AMX tiles, as reported by PyTorch's cpuinfo probes
   (`torch.cpu._is_avx512_bf16_supported()`, `torch.cpu._is_amx_tile_supported()`; Linux `lscpu` flags
-  `avx512_bf16`, `amx_bf16`); where it has them, a probe (1.2-1.7 s on a 2-core Zen 5) times a primary-capsule convolution's
-  forward and backward in both precisions (`cpu_bf16_speedup`), and bf16 is chosen when it ran at least
-  `BF16_MIN_SPEEDUP` times faster. With several processes the main process's measurement decides for all;
+  `avx512_bf16`, `amx_bf16`); where it has them, a probe (1.2-1.7 s on a 2-core Zen 5) times a primary-capsule
+  convolution's forward and backward in both precisions (`cpu_bf16_speedup`), and bf16 is chosen when it ran at
+  least `BF16_MIN_SPEEDUP` times faster. With several processes the main process's measurement decides for all;
 - other devices: float32.
 
 `accelerate launch --mixed_precision bf16|fp16` (or its config file) is honoured under `auto`; its default "no" is
@@ -44,7 +44,8 @@ def cpu_native_bf16_features() -> list[str]:
 def cpu_bf16_speedup(repeats: int = 3) -> float:
     """float32 time over bf16-autocast time of one forward and backward of a primary-capsule convolution (the paper
     model's, 256 -> 256 channels, 9 x 9, stride 2, `PROBE_BATCH_SIZE` examples) on this CPU: above 1 where bf16 is
-    faster. Best of `repeats` interleaved runs after five warm-ups each; a local generator leaves the global RNG alone."""
+    faster. Best of `repeats` interleaved runs after five warm-ups each; a local generator leaves the global RNG
+    alone."""
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(PROBE_BATCH_SIZE, 256, 20, 20, generator=generator)
     weight = (0.01 * torch.randn(256, 256, 9, 9, generator=generator)).requires_grad_()
