@@ -1,6 +1,6 @@
-"""What the four commands share: one error type and exit convention, one boolean parser, the CPU thread count, model
-loading, and the files they write (the usual modes, written aside then renamed, an output folder locked against a
-second run)."""
+"""What the four commands share: one error type and exit convention, one boolean parser, the CPU thread count, the
+end of a multi-process run, model loading, and the files they write (the usual modes, written aside then renamed, an
+output folder locked against a second run)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,19 @@ def threads_and_precision(cpu_threads: int | str, mixed_precision: str | None) -
     threads_note = use_cpu_threads(cpu_threads, device)
     precision, reason = resolve_mixed_precision(mixed_precision, device)
     return precision, [f"precision: {describe(precision)} ({reason})", *([threads_note] if threads_note else [])]
+
+
+def end_processes(accelerator) -> None:
+    """The last step of `capsnet-train` and `capsnet-eval`: wait for every process, drop what `accelerator.prepare`
+    wrapped, then destroy the process group (`end_training`, which also ends the trackers).
+
+    In that order because a DDP model freed after the group is destroyed is what destroys the group, still holding the
+    GIL, while a gloo thread may need the GIL to free a finished collective's tensors: the process then hangs at exit
+    (pytorch/pytorch#56297). The caller must hold no reference to the prepared model either.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
 TRUE_WORDS = ("1", "true", "yes", "y", "on")

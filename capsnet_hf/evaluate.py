@@ -24,6 +24,7 @@ from .cli import (
     DataError,
     UsageError,
     cpu_threads_choice,
+    end_processes,
     load_model_and_processor,
     positive_int,
     run_command,
@@ -260,6 +261,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
             with write_aside(args.output_file) as partial, open(partial, "w", encoding="utf-8") as handle:
                 handle.write(text + "\n")
         sys.stdout.write(text + "\n")
+    end_processes(accelerator)
     return result
 
 

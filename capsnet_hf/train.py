@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .cli import UsageError, lock_output_dir, run_command, threads_and_precision
+from .cli import UsageError, end_processes, lock_output_dir, run_command, threads_and_precision
 from .data.batching import BatchTransform, EpochOrder, make_generator
 from .data.splits import load_splits
 from .kernels.cpu_routing import KernelBuildError, use_cpu_routing_kernel
@@ -116,8 +116,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if accelerator.is_main_process:
         save_model_folder(args, final_model.to("cpu"), processor, record, data.eval, data.eval_transform)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    del model, optimizer  # the DDP wrapper must be gone before the process group (end_processes)
+    end_processes(accelerator)
     if args.push_to_hub and accelerator.is_main_process:
         from .hub import push_folder_to_hub
 

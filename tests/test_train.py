@@ -1,6 +1,7 @@
 """capsnet-train end to end on CPU: accuracy on real MNIST, exact resume after SIGKILL, 2-process evaluation, the
 saved folder (Auto classes, pipeline, model card) and every bad input refused before training."""
 
+import contextlib
 import json
 import os
 import signal
@@ -176,23 +177,57 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def test_two_process_cpu_run_counts_every_test_example_once(tmp_path, tiny_dataset):
-    output_dir = tmp_path / "ddp"
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    command = [
-        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "-m", "capsnet_hf.train", *tiny_args(tiny_dataset, output_dir, "--max_train_steps", "4"),
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, env=dict(subprocess_env(), ACCELERATE_USE_CPU="1"), capture_output=True, timeout=300
+def run_or_dump_stacks(command, env, timeout: float) -> subprocess.CompletedProcess:
+    """Run `command`; past `timeout`, fail with the Python stacks of it and its child processes (faulthandler dumps
+    them on SIGABRT), since a hang of a multi-process run otherwise shows only the output before it."""
+    import psutil  # an accelerate dependency
+
+    process = subprocess.Popen(
+        command, env=dict(env, PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher = psutil.Process(process.pid)
+        family = [*launcher.children(recursive=True), launcher]  # torchrun starts its workers in sessions of their own
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signal.SIGABRT)
+        psutil.wait_procs(family, timeout=10)
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"still running after {timeout} s; stacks:\n{stderr[-12000:]}\nstdout:\n{stdout[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_two_process_cpu_runs_count_every_test_example_once(tmp_path, tiny_dataset):
+    """capsnet-train and then capsnet-eval on two gloo processes, each ending without a hang (cli.end_processes)."""
+    output_dir, metrics_file = tmp_path / "ddp", tmp_path / "metrics.json"
+    launch = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+    train_args = tiny_args(tiny_dataset, output_dir, "--max_train_steps", "4")
+    done = run_or_dump_stacks([*launch, "--main_process_port", str(free_port()), "-m", "capsnet_hf.train", *train_args],
+                              env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     train_results = json.loads((output_dir / "train_results.json").read_text())
     assert train_results["num_processes"] == 2 and train_results["train_examples_seen"] == 4 * 8 * 2
     assert eval_results["eval_num_examples"] == 37  # 37 = 2 x 18 + 1: the padded duplicate is dropped
     assert sum(map(sum, eval_results["eval_confusion_matrix"])) == 37
+
+    eval_args = ["--model_name_or_path", str(output_dir), "--dataset_name", tiny_dataset, "--split", "test",
+                 "--per_device_eval_batch_size", "8", "--output_file", str(metrics_file)]  # fmt: skip
+    done = run_or_dump_stacks([*launch, "--main_process_port", str(free_port()), "-m", "capsnet_hf.evaluate", *eval_args],
+                              env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["num_examples"] == 37
+    assert metrics["confusion_matrix"] == eval_results["eval_confusion_matrix"]
 
 
 def test_recipe_config_file_and_command_line_precedence(tmp_path):
