@@ -11,6 +11,12 @@ kept outside this repository:
 
 `--peer NAME=FILE:EXPRESSION` imports FILE as a module and evaluates EXPRESSION in its namespace to build a model
 that takes `[B, 1, 28, 28]` float images (its forward is called with the images alone, in eval mode; peers.py).
+
+`--compile` adds `<path>_compiled` variants, `torch.compile(model, mode=--compile-mode)`, compiled afresh for each
+batch size (static shapes; the first call of a batch size, compiling, is reported as `first_call_s`). `--freezing`
+turns on inductor's freezing for them: the weights become constants of the graph, so on CPU the convolutions' weights
+are re-laid out for oneDNN once, at compile time, instead of on every eager call (docs/performance.md); the compiled
+model then no longer sees changes to its parameters.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from peers import PeerError, peer_factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package, installed or not
@@ -46,6 +53,10 @@ def variants(args: argparse.Namespace, device: torch.device) -> dict[str, Callab
             calls["kernel"] = enable_cpu_routing_kernel(kernel_model)
         except KernelBuildError as error:
             print(f"no kernel variant: {str(error).splitlines()[0]}", file=sys.stderr)
+    if args.compile:
+        inductor_config.freezing = args.freezing
+        for name, model_of_path in list(calls.items()):
+            calls[f"{name}_compiled"] = torch.compile(model_of_path, mode=args.compile_mode)
     for spec in args.peer:
         name, build_peer = peer_factory(spec)
         calls[f"peer_{name}"] = build_peer().to(device).eval()
@@ -80,6 +91,16 @@ def time_round(calls: dict, pixels: torch.Tensor, device: torch.device, order: l
     return seconds
 
 
+def check_compiled_outputs(calls: dict, pixels: torch.Tensor) -> None:
+    """Every `<path>_compiled[_bf16]` variant's class scores equal its eager twin's (to float rounding), so that what
+    is timed is the same model."""
+    for name, call in calls.items():
+        if "_compiled" in name:
+            eager = calls[name.replace("_compiled", "")]
+            tolerance = 2e-2 if name.endswith("_bf16") else 1e-4
+            torch.testing.assert_close(call(pixels).logits, eager(pixels).logits, rtol=tolerance, atol=tolerance)
+
+
 def bench(args: argparse.Namespace, device: torch.device) -> list[dict]:
     calls = variants(args, device)
     rows = []
@@ -87,14 +108,19 @@ def bench(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for batch_size in args.batch_sizes:
         pixels = torch.rand(batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(batch_size)).to(device)
         samples: dict[str, list[float]] = {name: [] for name in calls}
+        if args.compile:
+            torch.compiler.reset()  # static shapes for this batch size, not a dynamic recompile of an earlier one
         with torch.inference_mode():
             for round_index in range(args.warmup + args.repeats):
                 order = list(calls)
                 shuffle.shuffle(order)
                 seconds = time_round(calls, pixels, device, order)
+                if round_index == 0:
+                    first_call = seconds
                 if round_index >= args.warmup:
                     for name, value in seconds.items():
                         samples[name].append(value)
+            check_compiled_outputs(calls, pixels)
         for name, values in samples.items():
             median = statistics.median(values)
             rows.append(
@@ -104,17 +130,18 @@ def bench(args: argparse.Namespace, device: torch.device) -> list[dict]:
                     "median_ms": 1000 * median,
                     "min_ms": 1000 * min(values),
                     "images_per_second": batch_size / median,
+                    "first_call_s": first_call[name],
                 }
             )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'variant':<24} {'batch':>6} {'median ms':>10} {'min ms':>9} {'images/s':>10}")
+    print(f"{'variant':<24} {'batch':>6} {'median ms':>10} {'min ms':>9} {'images/s':>10} {'first s':>8}")
     for row in rows:
         print(
             f"{row['variant']:<24} {row['batch_size']:>6} {row['median_ms']:>10.2f} {row['min_ms']:>9.2f} "
-            f"{row['images_per_second']:>10.1f}"
+            f"{row['images_per_second']:>10.1f} {row['first_call_s']:>8.2f}"
         )
 
 
@@ -140,6 +167,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (medians are reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--no-cpu-routing-kernel", dest="cpu_routing_kernel", action="store_false")
+    parser.add_argument("--compile", action="store_true", help="also time each routing path under torch.compile")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument(
+        "--freezing", action="store_true", help="inductor freezing for --compile: weights as constants"
+    )
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=FILE:EXPRESSION")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -148,6 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be a positive integer")
     if min(args.batch_sizes) < 1 or args.warmup < 0:
         parser.error("--batch-sizes must be positive and --warmup non-negative")
+    if (args.freezing or args.compile_mode) and not args.compile:
+        parser.error("--freezing and --compile-mode need --compile")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup 1 or more: the first call of each batch size compiles")
     return args
 
 

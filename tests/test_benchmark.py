@@ -248,6 +248,23 @@ def test_bench_inference_reports_latency_and_throughput_beside_a_peer(peer_file,
     assert inference.main(["--peer", "broken"]) == 2
 
 
+def test_bench_inference_times_the_compiled_model_with_frozen_weights(tmp_path, capsys):
+    inference = load_script("bench_inference")
+    output = tmp_path / "compiled.json"
+    argv = ["--threads", "1", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1", "--no-cpu-routing-kernel",
+            "--compile", "--freezing", "--json", str(output)]  # fmt: skip
+    assert inference.main(argv) == 0  # the compiled model's class scores equal the eager model's (checked inside)
+    rows = {row["variant"]: row for row in json.loads(output.read_text())["results"]}
+    assert set(rows) == {"torch", "torch_compiled"}
+    assert rows["torch_compiled"]["first_call_s"] > rows["torch_compiled"]["median_ms"] / 1000  # it compiled
+    assert "first s" in capsys.readouterr().out
+    for bad in (["--freezing"], ["--compile", "--warmup", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            inference.main(bad)
+        assert exit_info.value.code == 2
+    assert "--compile needs --warmup 1 or more" in capsys.readouterr().err
+
+
 def test_bench_capsnet_times_a_peer_training_step_at_28_px(bench, peer_file, tmp_path, capsys):
     output = tmp_path / "peer.json"
     argv = [*KERNEL_CASE, "--image-size", "28", "30", "--precision", "fp32", "bf16", "--json", str(output)]
