@@ -81,6 +81,31 @@ def test_empty_and_small_batches(batch_size, kernel_calls):
         torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "threads, overrides",
+    [
+        (2, {}),
+        (3, {"primary_capsule_dim": 8, "primary_kernel_size": 4}),  # 50 inputs: a partial last block
+        (5, {"routing_iterations": 1}),  # more threads than the 4 input blocks (with 8 lanes)
+        (5, {"leaky_routing": True, "routing_bias": True}),
+    ],
+)
+def test_one_example_is_routed_by_every_thread(threads, overrides, kernel_calls):
+    """Batch 1 in inference: the threads split the example's input blocks and add up each pass's s_j."""
+    plain, fast = twin_models(**overrides)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            expected = plain(PIXELS[:1], output_routing_weights=True)
+            actual = fast(PIXELS[:1], output_routing_weights=True)
+    finally:
+        torch.set_num_threads(previous)
+    assert kernel_calls == [1]
+    for name in ("logits", "capsule_poses", "routing_weights"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
+
+
 def training_steps(model, steps: int = 1, **forward_kwargs) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Losses of `steps` Adam steps on fixed data (the loss also reads the routing weights) and the last gradients."""
     model.train()

@@ -9,11 +9,12 @@
 // (and in the backward the inputs) into input blocks, then each thread computes the votes of a block of examples (two
 // per sweep over the weight) into its own buffer, laid out so that L input capsules fill one vector register, and then
 // routes each example with one pass per iteration after the first: agreement with v_j, softmax over the parents and the
-// next weighted sum s_j, for L input capsules at a time. Float32 throughout; results differ from the torch path by
-// float rounding only (summation order, a polynomial exp). With bf16_votes (under bf16 autocast, in a build with
-// AVX512-BF16) the votes multiply the weight and inputs rounded to bfloat16, in pairs of input dimensions
-// (vdpbf16ps, float32 sums), which halves the weight traffic the votes wait on; routing and gradients stay float32,
-// and equal the float32 path's for that rounded weight and inputs (a straight-through rounding).
+// next weighted sum s_j, for L input capsules at a time. A batch of one in inference is split the other way: the
+// threads share its input blocks and add up each pass's s_j (route_one_example_on_team). Float32 throughout; results
+// differ from the torch path by float rounding only (summation order, a polynomial exp). With bf16_votes (under bf16
+// autocast, in a build with AVX512-BF16) the votes multiply the weight and inputs rounded to bfloat16, in pairs of
+// input dimensions (vdpbf16ps, float32 sums), which halves the weight traffic the votes wait on; routing and gradients
+// stay float32, and equal the float32 path's for that rounded weight and inputs (a straight-through rounding).
 //
 // For a backward the forward keeps each example's routing record (every iteration's couplings, s_j and v_j) and the
 // packed weight; the backward (capsnet_route_backward) recomputes the votes only, then walks the iterations back with
@@ -431,23 +432,30 @@ void sweep_block(int64_t count, int64_t width, const Word* inputs, int64_t strid
   });
 }
 
-// Votes u_hat[i, j, k] = sum_a W[i, j, k, a] u[i, a] (Eq. 2) of examples first .. first + count - 1 into the
-// workspace, and with kFirstSums their sums over i (the first iteration's s_j without the 1/J); each weight vector
-// serves the block.
+// Input blocks [begin, end) (of kLanes capsules each): all of them, or one thread's share of one example's.
+struct BlockRange {
+  int64_t begin, end;
+};
+
+BlockRange all_blocks(const Problem& p) { return {0, p.padded_inputs / kLanes}; }
+
+// Votes u_hat[i, j, k] = sum_a W[i, j, k, a] u[i, a] (Eq. 2) of examples first .. first + count - 1, for the input
+// blocks in `blocks`, into the workspace, and with kFirstSums their sums over those i (the first iteration's s_j
+// without the 1/J); each weight vector serves the block.
 template <bool kFirstSums>
-void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t count) {
+void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t count, BlockRange blocks) {
   const int64_t I = p.inputs_per_example, A = p.input_dim, JK = p.parents * p.pose_dim, P = p.padded_inputs;
   const int64_t width = p.bf16_votes ? pair_words(p) : A;  // words per input capsule in the packed layouts
   for (int64_t e = 0; e < count; ++e) {
     float* target = p.bf16_votes ? reinterpret_cast<float*>(ws.input_pairs.data() + e * width * P)
                                  : ws.inputs.data() + e * A * P;
-    for (int64_t v = 0; v < P / kLanes; ++v) {
+    for (int64_t v = blocks.begin; v < blocks.end; ++v) {
       const int64_t lanes = std::min(kLanes, I - v * kLanes);
       pack_tile(p.inputs + ((first + e) * I + v * kLanes) * A, A, lanes, A, p.bf16_votes, target + v * width * kLanes);
     }
   }
   if constexpr (kFirstSums) std::fill(ws.first_sums.begin(), ws.first_sums.end(), Vec{});
-  for (int64_t v = 0; v < P / kLanes; ++v) {
+  for (int64_t v = blocks.begin; v < blocks.end; ++v) {
     float* out[4];  // a sweep's examples: up to 2 in float32, 4 with bf16 pairs (16 registers of inputs either way)
     Vec* first_sum[4] = {};
     const auto point_at = [&](int64_t slot, int64_t e) {
@@ -476,8 +484,13 @@ void compute_block_votes(const Problem& p, Workspace& ws, int64_t first, int64_t
 }
 
 // Procedure 1 for example e of the workspace's block: poses v_j into ws.poses, the last couplings into coupling
-// [J, I] (if not null), and every iteration's c_t, s_t, v_t into record (if not null).
-void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, RoutingRecord* record) {
+// [J, I] (if not null), and every iteration's c_t, s_t, v_t into record (if not null). Only the input blocks in
+// `blocks` are routed here: sum_over_team(s) turns their share of each s_j (ws.preactivation, before the 1/J of the
+// first iteration and the bias) into the whole sum, where a team of threads routes one example together; with all
+// blocks it does nothing.
+template <typename SumOverTeam>
+void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, RoutingRecord* record,
+                   BlockRange blocks, const SumOverTeam& sum_over_team) {
   const int64_t I = p.inputs_per_example, J = p.parents, K = p.pose_dim, JK = J * K, P = p.padded_inputs;
   const float uniform = 1.0f / static_cast<float>(J + (p.leaky ? 1 : 0));
   const float* example_votes = ws.example_votes(p, e);
@@ -487,10 +500,14 @@ void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, 
     std::memcpy(record->poses + iteration * JK, ws.poses.data(), JK * sizeof(float));
   };
   // First iteration: zero logits, uniform couplings 1/J (1/(J + 1) with the leak).
-  for (int64_t jk = 0; jk < JK; ++jk) ws.preactivation[jk] = lane_sum(ws.first_sums[e * JK + jk]) * uniform;
+  for (int64_t jk = 0; jk < JK; ++jk) ws.preactivation[jk] = lane_sum(ws.first_sums[e * JK + jk]);
+  sum_over_team(ws.preactivation.data());
+  for (int64_t jk = 0; jk < JK; ++jk) ws.preactivation[jk] *= uniform;
   squash(p, ws.preactivation.data(), ws.poses.data());
   keep(0);
-  if (p.iterations == 1 && coupling) std::fill(coupling, coupling + J * I, uniform);
+  if (p.iterations == 1 && coupling)
+    for (int64_t j = 0; j < J; ++j)
+      std::fill(coupling + j * I + blocks.begin * kLanes, coupling + j * I + std::min(I, blocks.end * kLanes), uniform);
   for (int64_t iteration = 1; iteration < p.iterations; ++iteration) {
     const bool last = iteration == p.iterations - 1;
     float* kept_couplings = record ? record->couplings + (iteration - 1) * J * P : nullptr;
@@ -498,7 +515,7 @@ void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, 
       ws.broadcast_poses[jk] = broadcast(ws.poses[jk]);
       ws.sums[jk] = Vec{};
     }
-    for (int64_t v = 0; v < P / kLanes; ++v) {
+    for (int64_t v = blocks.begin; v < blocks.end; ++v) {
       const float* block_votes = example_votes + v * JK * kLanes;
       // b_ij += u_hat_{j|i} . v_j, then Eq. 3 over the parents (with the leak: a parent with logit 0).
       Vec maximum = p.leaky ? Vec{} : broadcast(-INFINITY);
@@ -531,10 +548,13 @@ void route_example(const Problem& p, Workspace& ws, int64_t e, float* coupling, 
       }
     }
     for (int64_t jk = 0; jk < JK; ++jk) ws.preactivation[jk] = lane_sum(ws.sums[jk]);
+    sum_over_team(ws.preactivation.data());
     squash(p, ws.preactivation.data(), ws.poses.data());
     keep(iteration);
   }
 }
+
+const auto alone = [](float*) {};  // route_example's sum_over_team for a thread that routes all of an example
 
 // Routes blocks first_block, first_block + stride, ... of examples_per_block examples each.
 void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
@@ -543,13 +563,62 @@ void route_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   const int64_t num_blocks = (p.batch + block - 1) / block;
   for (int64_t block_index = first_block; block_index < num_blocks; block_index += stride) {
     const int64_t first = block_index * block, count = std::min(block, p.batch - first);
-    compute_block_votes<true>(p, ws, first, count);
+    compute_block_votes<true>(p, ws, first, count, all_blocks(p));
     for (int64_t e = 0; e < count; ++e) {
       RoutingRecord record = p.record ? example_record(p, first + e) : RoutingRecord{};
-      route_example(p, ws, e, p.coupling + (first + e) * J * p.inputs_per_example, p.record ? &record : nullptr);
+      route_example(p, ws, e, p.coupling + (first + e) * J * p.inputs_per_example, p.record ? &record : nullptr,
+                    all_blocks(p), alone);
       std::memcpy(p.poses + (first + e) * JK, ws.poses.data(), JK * sizeof(float));
     }
   }
+}
+
+// Waits for every thread of the calling OpenMP team (a no-op in a build without OpenMP, whose team is one thread).
+inline void team_barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+// What the threads of a team routing one example share: every pass's partial s_j [2][threads][J * K], alternating
+// between passes so that one barrier per pass suffices, and whether a thread could not allocate its buffers.
+struct TeamSums {
+  explicit TeamSums(const Problem& p) : partial(2 * p.threads * p.parents * p.pose_dim) {}
+  std::vector<float> partial;
+  std::atomic<bool> failed{false};
+};
+
+// The one example of a batch of one, without a record (inference), on a team of `count` threads: each computes the
+// votes of its share of the input blocks and routes them, and every pass's s_j is summed over the team in thread
+// order (the same result whatever the timing). At batch 1 the example would otherwise route on one thread.
+void route_one_example_on_team(const Problem& p, int thread, int count, TeamSums& team) {
+  const int64_t JK = p.parents * p.pose_dim, blocks = p.padded_inputs / kLanes;
+  const BlockRange mine{blocks * thread / count, blocks * (thread + 1) / count};
+  std::unique_ptr<Workspace> ws;
+  try {
+    ws = std::make_unique<Workspace>(p, true);
+  } catch (const std::bad_alloc&) {
+    team.failed = true;
+  }
+  team_barrier();
+  if (team.failed) {
+    if (!ws) throw std::bad_alloc();  // the others return: none waits at a barrier for this thread
+    return;
+  }
+  compute_block_votes<true>(p, *ws, 0, 1, mine);
+  int64_t pass = 0;
+  const auto sum_over_team = [&](float* preactivation) {
+    float* partial = team.partial.data() + (pass++ % 2) * count * JK;
+    std::memcpy(partial + thread * JK, preactivation, JK * sizeof(float));
+    team_barrier();
+    for (int64_t jk = 0; jk < JK; ++jk) {
+      float total = partial[jk];
+      for (int other = 1; other < count; ++other) total += partial[other * JK + jk];
+      preactivation[jk] = total;
+    }
+  };
+  route_example(p, *ws, 0, p.coupling, nullptr, mine, sum_over_team);
+  if (thread == 0) std::memcpy(p.poses, ws->poses.data(), JK * sizeof(float));
 }
 
 // Backward of Procedure 1 for example e of the workspace's block (b in the batch), given its routing record: the
@@ -630,7 +699,7 @@ void backprop_blocks(const Problem& p, int64_t first_block, int64_t stride) {
   const int64_t num_blocks = (p.batch + block - 1) / block;
   for (int64_t block_index = first_block; block_index < num_blocks; block_index += stride) {
     const int64_t first = block_index * block, count = std::min(block, p.batch - first);
-    compute_block_votes<false>(p, ws, first, count);
+    compute_block_votes<false>(p, ws, first, count, all_blocks(p));
     for (int64_t e = 0; e < count; ++e)
       backprop_example(p, ws, e, first + e, example_record(p, first + e), grad_poses, grad_preactivation,
                        grad_logits);
@@ -980,6 +1049,16 @@ extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
   if (const char* error =
           run_parallel(call->threads, [&](int thread, int count) { pack_weight_blocks(*call, thread, count); }))
     return error;
+  if (call->batch == 1 && !call->record && call->threads > 1) {
+    std::unique_ptr<TeamSums> team;
+    try {
+      team = std::make_unique<TeamSums>(*call);
+    } catch (const std::bad_alloc&) {
+      return "out of memory for the kernel's per-thread buffers";
+    }
+    return run_parallel(call->threads,
+                        [&](int thread, int count) { route_one_example_on_team(*call, thread, count, *team); });
+  }
   return run_parallel(call->threads, [&](int thread, int count) { route_blocks(*call, thread, count); });
 }
 
