@@ -54,7 +54,6 @@ def variants(args: argparse.Namespace, device: torch.device) -> dict[str, Callab
         except KernelBuildError as error:
             print(f"no kernel variant: {str(error).splitlines()[0]}", file=sys.stderr)
     if args.compile:
-        inductor_config.freezing = args.freezing
         for name, model_of_path in list(calls.items()):
             calls[f"{name}_compiled"] = torch.compile(model_of_path, mode=args.compile_mode)
     for spec in args.peer:
@@ -196,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_inference.py: error: CUDA is not available", file=sys.stderr)
         return 2
     try:
-        rows = bench(args, device)
+        with inductor_config.patch(freezing=args.freezing):  # compiling happens at each batch size's first call
+            rows = bench(args, device)
     except PeerError as error:
         print(f"bench_inference.py: error: {error}", file=sys.stderr)
         return 2
