@@ -207,6 +207,7 @@ def test_compiled_model_runs_the_kernel_op(kernel_runs):
     grads = torch.autograd.grad(loss, list(fast.parameters()))
     assert kernel_runs == [
         "capsnet_squash_primary",
+        "capsnet_pack_weight",
         "capsnet_route",
         "capsnet_route_backward",
         "capsnet_squash_primary_backward",
@@ -217,7 +218,25 @@ def test_compiled_model_runs_the_kernel_op(kernel_runs):
     fast.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(PIXELS).logits, plain(PIXELS).logits, rtol=1e-5, atol=1e-6)
-    assert kernel_runs[4:] == ["capsnet_squash_primary", "capsnet_route"]
+    assert kernel_runs[5:] == ["capsnet_squash_primary", "capsnet_pack_weight", "capsnet_route"]
+    torch._dynamo.reset()
+
+
+def test_frozen_compiled_model_packs_the_weight_once(kernel_runs):
+    """With inductor's freezing the weight is a constant of the graph: its re-layout runs at compile time only."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    plain, fast = twin_models()
+    compiled = torch.compile(fast)
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
+        compiled(PIXELS)
+        kernel_runs.clear()
+        actual = [compiled(PIXELS).logits for _ in range(3)]
+        expected = plain(PIXELS).logits
+    assert kernel_runs == ["capsnet_squash_primary", "capsnet_route"] * 3
+    for logits in actual:
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
 
 
@@ -226,13 +245,34 @@ def test_exported_model_calls_the_kernel_op(kernel_runs):
     plain, fast = twin_models(use_decoder=False)
     exported = torch.export.export(fast.capsnet, (PIXELS,))
     targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.capsnet_hf.pack_class_capsule_weight.default in targets
     assert torch.ops.capsnet_hf.route_class_capsules.default in targets
     assert torch.ops.capsnet_hf.squash_primary_capsules.default in targets
     kernel_runs.clear()
     with torch.no_grad():
         actual = exported.module()(PIXELS).capsule_lengths
         torch.testing.assert_close(actual, plain.capsnet(PIXELS).capsule_lengths, rtol=1e-5, atol=1e-6)
-    assert kernel_runs == ["capsnet_squash_primary", "capsnet_route"]
+    assert kernel_runs == ["capsnet_squash_primary", "capsnet_pack_weight", "capsnet_route"]
+
+
+def route_op(capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, keep, bf16_votes, library):
+    """The packed weight and the outputs of `route_class_capsules` on `weight` and its `pack_class_capsule_weight`,
+    as `CpuRoutingKernel` calls them."""
+    packed_weight = torch.ops.capsnet_hf.pack_class_capsule_weight(weight.detach(), bf16_votes, library)
+    outputs = torch.ops.capsnet_hf.route_class_capsules(
+        capsules,
+        weight,
+        packed_weight,
+        bias,
+        iterations,
+        leaky,
+        epsilon,
+        detach_inner_votes,
+        keep,
+        bf16_votes,
+        library,
+    )
+    return packed_weight, outputs
 
 
 @pytest.mark.parametrize(
@@ -248,7 +288,11 @@ def test_registered_op_passes_torch_opcheck(leaky, bias, detach_inner_votes, bf1
     weight = (0.1 * torch.randn(10, 3, 5, 4, generator=generator)).requires_grad_()
     bias = torch.zeros(3, 5, requires_grad=True) if bias else None
     library = CpuRoutingKernel().library_path
-    arguments = (capsules, weight, bias, 3, leaky, 1e-9, detach_inner_votes, True, bf16_votes, library)
+    torch.library.opcheck(
+        torch.ops.capsnet_hf.pack_class_capsule_weight.default, (weight.detach(), bf16_votes, library)
+    )
+    packed_weight = torch.ops.capsnet_hf.pack_class_capsule_weight(weight.detach(), bf16_votes, library)
+    arguments = (capsules, weight, packed_weight, bias, 3, leaky, 1e-9, detach_inner_votes, True, bf16_votes, library)
     torch.library.opcheck(torch.ops.capsnet_hf.route_class_capsules.default, arguments)
 
 
@@ -259,16 +303,10 @@ needs_bf16_votes = pytest.mark.skipif(not BF16_VOTES, reason="this CPU or compil
 def routed_with_gradients(capsules, weight, bias, bf16_votes, leaky=True, iterations=3, detach_inner_votes=False):
     """The op's outputs and the gradients of a fixed function of them w.r.t. capsules, weight and bias."""
     leaves = [tensor.detach().requires_grad_() for tensor in (capsules, weight) + (() if bias is None else (bias,))]
-    poses, coupling, _, _ = torch.ops.capsnet_hf.route_class_capsules(
-        *leaves[:2],
-        leaves[2] if bias is not None else None,
-        iterations,
-        leaky,
-        1e-9,
-        detach_inner_votes,
-        True,
-        bf16_votes,
-        CpuRoutingKernel().library_path,
+    library = CpuRoutingKernel().library_path
+    bias = leaves[2] if bias is not None else None
+    _, (poses, coupling, _) = route_op(
+        *leaves[:2], bias, iterations, leaky, 1e-9, detach_inner_votes, True, bf16_votes, library
     )
     mix = torch.linspace(-1, 1, poses[0].numel()).view(poses.shape[1:])
     loss = (poses * mix).sum() + (coupling * coupling).sum()
@@ -428,6 +466,7 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
     checks what the C side cannot see (dtypes, devices, shapes that do not fit)."""
     library = load_kernel_library()
     assert library.capsnet_route(None) == b"no arguments"
+    assert library.capsnet_pack_weight(None) == b"no arguments"
     assert library.capsnet_squash_primary(None) == b"no arguments"
     no_positions = cpu_routing_kernel.PrimaryCall(batch=1, types=2, capsule_dim=3)
     assert library.capsnet_squash_primary_backward(no_positions) == (
@@ -445,25 +484,26 @@ def test_kernel_refuses_bad_calls_with_an_error_instead_of_crashing():
     }
     for message, (capsules_, weight_, bias, iterations) in refusals.items():
         with pytest.raises(RuntimeError, match=f"refused the call: {message}"):
-            torch.ops.capsnet_hf.route_class_capsules(
-                capsules_, weight_, bias, iterations, False, 1e-9, False, False, False, path
-            )
+            route_op(capsules_, weight_, bias, iterations, False, 1e-9, False, False, False, path)
     mismatches = {
         "float32 CPU tensors": (capsules.double(), weight.double(), None),
         r"do not fit the weight \(10, 3, 5, 4\)": (torch.rand(2, 9, 4), weight, None),
         r"the bias \(5, 3\) does not fit": (capsules, weight, torch.rand(5, 3)),
+        r"must be \[I, J, K, A\]": (capsules, torch.rand(10, 3, 5), None),
     }
     for message, (capsules_, weight_, bias) in mismatches.items():
         with pytest.raises(ValueError, match=message):
-            torch.ops.capsnet_hf.route_class_capsules(
-                capsules_, weight_, bias, 3, False, 1e-9, False, False, False, path
-            )
+            route_op(capsules_, weight_, bias, 3, False, 1e-9, False, False, False, path)
+    with pytest.raises(ValueError, match=r"the packed weight \(10, 3, 5, 4\) is not pack_class_capsule_weight's"):
+        torch.ops.capsnet_hf.route_class_capsules(
+            capsules, weight, weight, None, 3, False, 1e-9, False, False, False, path
+        )
     backward_refusals = {
         True: ("gradients .* do not fit the outputs", torch.rand(2, 3, 4)),  # poses' gradient of the wrong size
         False: ("not what route_class_capsules kept for this backward", torch.rand(2, 3, 5)),
     }
     for keep_for_backward, (message, grad_poses) in backward_refusals.items():
-        _, _, packed_weight, record = torch.ops.capsnet_hf.route_class_capsules(
+        packed_weight, (_, _, record) = route_op(
             capsules, weight, None, 3, False, 1e-9, False, keep_for_backward, False, path
         )
         assert record.shape == (2, 3 * (2 * 16 + 2 * 3 * 5) if keep_for_backward else 0)  # J ((T - 1) P + 2 T K)

@@ -5,7 +5,8 @@ functions (so that autograd, `torch.compile` and `torch.export` see opaque ops):
   path of `modeling_capsnet.py` writes the votes [B, J, I, K] to memory and streams them 2 x iterations - 1 times
   (and autograd keeps them for the backward); `csrc/capsule_routing.cpp` keeps a few examples' votes in a per-thread
   buffer, routes each example with one pass per iteration, and recomputes them in the backward instead of saving
-  them (docs/performance.md).
+  them (docs/performance.md). It reads the weight re-laid out by `torch.ops.capsnet_hf.pack_class_capsule_weight`,
+  an op of its own so that a graph compiled with inductor's freezing runs it once.
 - `torch.ops.capsnet_hf.squash_primary_capsules`: the primary capsules' scale, bias, reshape and squash after their
   convolution in one pass, where the torch path runs about twenty elementwise ops.
 
@@ -178,7 +179,7 @@ def _open_library(path: str) -> ctypes.CDLL:
         raise KernelBuildError(f"cannot load the CPU routing kernel {path} ({error}); delete it to rebuild") from error
     try:
         entries = {
-            RoutingCall: (library.capsnet_route, library.capsnet_route_backward),
+            RoutingCall: (library.capsnet_pack_weight, library.capsnet_route, library.capsnet_route_backward),
             PrimaryCall: (library.capsnet_squash_primary, library.capsnet_squash_primary_backward),
         }
     except AttributeError as error:
@@ -223,9 +224,9 @@ def _padded(num_inputs: int, lanes: int) -> int:
 def _forward_buffer_shapes(
     kernel: ctypes.CDLL, batch_size: int, weight: Tensor, iterations: int, keep_for_backward: bool, bf16_votes: bool
 ) -> tuple[tuple[int, ...], tuple[int, int]]:
-    """What the forward fills beside its outputs: W [I, J, K, A] re-laid out as [P / L, J, K, A, L] (with
-    `bf16_votes` [P / L, J, K, ceil(A / 2), L] words of bf16 pairs), and with `keep_for_backward` the routing record
-    its backward reads ([B, record floats], else [B, 0])."""
+    """The buffers beside the forward's inputs and outputs: W [I, J, K, A] re-laid out as [P / L, J, K, A, L] (with
+    `bf16_votes` [P / L, J, K, ceil(A / 2), L] words of bf16 pairs; `pack_class_capsule_weight`), and with
+    `keep_for_backward` the routing record its backward reads ([B, record floats], else [B, 0])."""
     num_inputs, num_classes, capsule_dim, input_dim = weight.shape
     lanes = kernel.capsnet_lanes()
     padded = _padded(num_inputs, lanes)
@@ -304,10 +305,44 @@ def _run(entry: ctypes._CFuncPtr, call: RoutingCall | PrimaryCall) -> None:
         )
 
 
+@torch.library.custom_op("capsnet_hf::pack_class_capsule_weight", mutates_args=())
+def pack_class_capsule_weight(weight: Tensor, bf16_votes: bool, library: str) -> Tensor:
+    """W [I, J, K, A] re-laid out as `route_class_capsules` reads it, [P / L, J, K, A, L] (with `bf16_votes`
+    [P / L, J, K, ceil(A / 2), L] words of bf16 pairs). An op of its own so that a graph compiled with inductor's
+    freezing, where the weight is a constant, runs it once at compile time rather than on every call."""
+    kernel = _open_library(library)
+    if weight.dim() != 4:
+        raise ValueError(f"the class capsules' weight must be [I, J, K, A], got {tuple(weight.shape)}")
+    no_inputs = weight.new_empty(0, weight.shape[0], weight.shape[3])  # a batch of 0: the call reads the weight only
+    _, weight, _ = _checked_operands(no_inputs, weight, None)
+    packed_weight = weight.new_empty(_forward_buffer_shapes(kernel, 0, weight, 1, False, bf16_votes)[0])
+    call = _routing_call(no_inputs, weight, None, 1, False, 0.0, False, bf16_votes, kernel.capsnet_lanes())
+    call.packed_weight = packed_weight.data_ptr()
+    _run(kernel.capsnet_pack_weight, call)
+    return packed_weight
+
+
+@pack_class_capsule_weight.register_fake
+def _(weight, bf16_votes, library):
+    return weight.new_empty(_forward_buffer_shapes(_open_library(library), 0, weight, 1, False, bf16_votes)[0])
+
+
+def _checked_packed_weight(kernel: ctypes.CDLL, packed_weight: Tensor, weight: Tensor, bf16_votes: bool) -> Tensor:
+    """`packed_weight` as the kernel reads it, or a ValueError if it is not `pack_class_capsule_weight`'s shape."""
+    expected = _forward_buffer_shapes(kernel, 0, weight, 1, False, bf16_votes)[0]
+    if packed_weight.shape != expected or packed_weight.dtype != torch.float32:
+        raise ValueError(
+            f"the packed weight {tuple(packed_weight.shape)} is not pack_class_capsule_weight's for the weight "
+            f"{tuple(weight.shape)} (bf16_votes={bf16_votes}): expected float32 {expected}"
+        )
+    return packed_weight.contiguous()
+
+
 @torch.library.custom_op("capsnet_hf::route_class_capsules", mutates_args=())
 def route_class_capsules(
     primary_capsules: Tensor,
     weight: Tensor,
+    packed_weight: Tensor,
     bias: Tensor | None,
     iterations: int,
     leaky: bool,
@@ -316,21 +351,21 @@ def route_class_capsules(
     keep_for_backward: bool,
     bf16_votes: bool,
     library: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Class capsules u [B, I, A], W [I, J, K, A], bias [J, K] -> poses v [B, J, K] and last couplings c [B, J, I]
-    (Eq. 2, Procedure 1), as `CapsNetClassCapsules`, then the packed weight and the routing record (empty unless
-    `keep_for_backward`) that `route_class_capsules_backward` reads; `library` is the kernel's path
-    (`load_kernel_library`). `detach_inner_votes` only changes the gradient. `bf16_votes` (a build where
-    `capsnet_bf16_votes()` is 1) computes the votes from u and W rounded to bfloat16, as the torch path's matmul
-    does under bf16 autocast, in float32 sums; the rest stays float32."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Class capsules u [B, I, A], W [I, J, K, A] (its `pack_class_capsule_weight` as `packed_weight`, what the
+    kernel reads; W itself for autograd), bias [J, K] -> poses v [B, J, K] and last couplings c [B, J, I] (Eq. 2,
+    Procedure 1), as `CapsNetClassCapsules`, then the routing record (empty unless `keep_for_backward`) that
+    `route_class_capsules_backward` reads; `library` is the kernel's path (`load_kernel_library`).
+    `detach_inner_votes` only changes the gradient. `bf16_votes` (a build where `capsnet_bf16_votes()` is 1) computes
+    the votes from u and W rounded to bfloat16, as the torch path's matmul does under bf16 autocast, in float32 sums;
+    the rest stays float32."""
     kernel = _open_library(library)
     inputs, weight, bias = _checked_operands(primary_capsules, weight, bias)
+    packed_weight = _checked_packed_weight(kernel, packed_weight, weight, bf16_votes)
     batch_size, num_inputs, _ = inputs.shape
     _, num_classes, capsule_dim, _ = weight.shape
-    packed_shape, record_shape = _forward_buffer_shapes(
-        kernel, batch_size, weight, iterations, keep_for_backward, bf16_votes
-    )
-    packed_weight, record = weight.new_empty(packed_shape), inputs.new_empty(record_shape)
+    _, record_shape = _forward_buffer_shapes(kernel, batch_size, weight, iterations, keep_for_backward, bf16_votes)
+    record = inputs.new_empty(record_shape)
     poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
     coupling = inputs.new_empty(batch_size, num_classes, num_inputs)
     call = _routing_call(
@@ -339,13 +374,14 @@ def route_class_capsules(
     call.packed_weight, call.poses, call.coupling = packed_weight.data_ptr(), poses.data_ptr(), coupling.data_ptr()
     call.record = record.data_ptr() if keep_for_backward else None
     _run(kernel.capsnet_route, call)
-    return poses, coupling, packed_weight, record
+    return poses, coupling, record
 
 
 @route_class_capsules.register_fake
 def _(
     primary_capsules,
     weight,
+    packed_weight,
     bias,
     iterations,
     leaky,
@@ -362,7 +398,7 @@ def _(
     shapes = _forward_buffer_shapes(
         _open_library(library), batch_size, weight, iterations, keep_for_backward, bf16_votes
     )
-    return poses, coupling, weight.new_empty(shapes[0]), primary_capsules.new_empty(shapes[1])
+    return poses, coupling, primary_capsules.new_empty(shapes[1])
 
 
 @torch.library.custom_op("capsnet_hf::route_class_capsules_backward", mutates_args=())
@@ -450,20 +486,22 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    primary_capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, _, bf16_votes, library = inputs
-    _, _, packed_weight, record = output
-    ctx.mark_non_differentiable(packed_weight, record)
+    primary_capsules, weight, packed_weight, bias, iterations, leaky, epsilon, detach_inner_votes = inputs[:8]
+    bf16_votes, library = inputs[9:]  # after keep_for_backward
+    record = output[2]
+    ctx.mark_non_differentiable(record)
     # The weight itself, so that autograd refuses a backward after it was changed in place (version check).
     ctx.save_for_backward(primary_capsules, weight, packed_weight, record, bias)
     ctx.settings = iterations, leaky, epsilon, detach_inner_votes, bf16_votes, library
 
 
-def _backward(ctx, grad_poses: Tensor, grad_coupling: Tensor, _grad_packed_weight, _grad_record):
+def _backward(ctx, grad_poses: Tensor, grad_coupling: Tensor, _grad_record):
     primary_capsules, weight, packed_weight, record, bias = ctx.saved_tensors
     grad_inputs, grad_weight, grad_bias = route_class_capsules_backward(
         primary_capsules, weight, packed_weight, record, bias, grad_poses, grad_coupling, *ctx.settings
     )
-    return grad_inputs, grad_weight, None if bias is None else grad_bias, None, None, None, None, None, None, None
+    grad_bias = None if bias is None else grad_bias
+    return grad_inputs, grad_weight, None, grad_bias, None, None, None, None, None, None, None
 
 
 route_class_capsules.register_autograd(_backward, setup_context=_setup_context)
@@ -560,8 +598,9 @@ class CpuRoutingKernel:
     """What `enable_cpu_routing_kernel` sets as a class-capsule layer's `routing_kernel`: the layer routes the inputs
     the kernel `supports` with it, (layer, primary capsules [B, I, A]) -> poses [B, J, K], couplings [B, J, I].
 
-    The weight is re-laid out on every forward call (its backward reuses that copy): a cached copy cannot tell when
-    the weight has changed, since in-place updates such as torch's fused Adam do not bump its version. Under CPU
+    The weight is re-laid out on every forward call (`pack_class_capsule_weight`; its backward reuses that copy): a
+    cached copy cannot tell when the weight has changed, since in-place updates such as torch's fused Adam do not
+    bump its version. A graph compiled with inductor's freezing, whose weights are constants, re-lays it out once. Under CPU
     bf16 autocast, where the build has them (`bf16_votes`: AVX512-BF16), the votes are computed from bf16-rounded
     inputs and weight, as autocast's matmul would (docs/performance.md); elsewhere all in float32.
     """
@@ -588,9 +627,11 @@ class CpuRoutingKernel:
         bf16_votes = (
             self.bf16_votes and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
-        poses, coupling, _, _ = route_class_capsules(
+        packed_weight = pack_class_capsule_weight(layer.weight.detach(), bf16_votes, self.library_path)
+        poses, coupling, _ = route_class_capsules(
             primary_capsules,
             layer.weight,
+            packed_weight,
             layer.bias,
             layer.routing_iterations,
             layer.leaky_routing,

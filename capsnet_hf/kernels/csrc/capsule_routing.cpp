@@ -5,28 +5,29 @@
 // point takes one argument struct (CapsnetRoutingCall or CapsnetPrimaryCall), mirrored field by field by a
 // ctypes.Structure there and checked against capsnet_call_layout() when the library is loaded, and returns null or a
 // one-line error (it validates the sizes itself and never lets a C++ exception escape). The torch formulation writes
-// the votes of a batch to memory and streams them 2 x iterations - 1 times; here each call first re-lays out the weight
-// (and in the backward the inputs) into input blocks, then each thread computes the votes of a block of examples (two
-// per sweep over the weight) into its own buffer, laid out so that L input capsules fill one vector register, and then
-// routes each example with one pass per iteration after the first: agreement with v_j, softmax over the parents and the
-// next weighted sum s_j, for L input capsules at a time. A batch of one in inference is split the other way: the
-// threads share its input blocks and add up each pass's s_j (route_one_example_on_team). Float32 throughout; results
-// differ from the torch path by float rounding only (summation order, a polynomial exp). With bf16_votes (under bf16
-// autocast, in a build with AVX512-BF16) the votes multiply the weight and inputs rounded to bfloat16, in pairs of
-// input dimensions (vdpbf16ps, float32 sums), which halves the weight traffic the votes wait on; routing and gradients
-// stay float32, and equal the float32 path's for that rounded weight and inputs (a straight-through rounding).
+// the votes of a batch to memory and streams them 2 x iterations - 1 times; here the weight is first re-laid out into
+// input blocks (capsnet_pack_weight; the backward does the same to the inputs), then each thread computes the votes of
+// a block of examples (two per sweep over the weight) into its own buffer, laid out so that L input capsules fill one
+// vector register, and then routes each example with one pass per iteration after the first: agreement with v_j,
+// softmax over the parents and the next weighted sum s_j, for L input capsules at a time. A batch of one in inference
+// is split the other way: the threads share its input blocks and add up each pass's s_j (route_one_example_on_team).
+// Float32 throughout; results differ from the torch path by float rounding only (summation order, a polynomial exp).
+// With bf16_votes (under bf16 autocast, in a build with AVX512-BF16) the votes multiply the weight and inputs rounded
+// to bfloat16, in pairs of input dimensions (vdpbf16ps, float32 sums), which halves the weight traffic the votes wait
+// on; routing and gradients stay float32, and equal the float32 path's for that rounded weight and inputs (a
+// straight-through rounding).
 //
-// For a backward the forward keeps each example's routing record (every iteration's couplings, s_j and v_j) and the
-// packed weight; the backward (capsnet_route_backward) recomputes the votes only, then walks the iterations back with
-// one pass over the votes each, and writes dL/du_hat as a sum of rank-one terms per parent (2T - 1 of them). A second
-// parallel phase, over input blocks instead of examples, turns those terms into dL/du and dL/dW, so that no thread
-// needs its own copy of dL/dW.
+// For a backward the forward keeps each example's routing record (every iteration's couplings, s_j and v_j); the
+// backward (capsnet_route_backward) reads it with the packed weight, recomputes the votes only, then walks the
+// iterations back with one pass over the votes each, and writes dL/du_hat as a sum of rank-one terms per parent
+// (2T - 1 of them). A second parallel phase, over input blocks instead of examples, turns those terms into dL/du and
+// dL/dW, so that no thread needs its own copy of dL/dW.
 //
 // Layouts (L = kLanes, P = I rounded up to a multiple of L, padding capsules have zero votes):
 //   inputs         [B, I, A]           primary capsules u_i
 //   packed_inputs  [P / L, B, A, L]    the same, input-block major, zero padded (backward only; scratch)
 //   weight         [I, J, K, A]        W[i, j, k, a], the layer's own layout (grad_weight too)
-//   packed_weight  [P / L, J, K, A, L] W re-laid out by the forward (and read by the backward): i = block * L + lane;
+//   packed_weight  [P / L, J, K, A, L] W re-laid out by capsnet_pack_weight (read by both): i = block * L + lane;
 //                  with bf16_votes [P / L, J, K, A2 / 2, L] 32-bit words, each the bf16 pair (a = 2m low, 2m + 1
 //                  high half; A2 = A rounded up to even, a zero beyond A)
 //   bias           [J, K] or null      added to every s_j
@@ -1042,13 +1043,18 @@ extern "C" const char* capsnet_call_layout(const char* struct_name) {
 }
 #undef CAPSNET_FIELD
 
-// Poses and last couplings of a batch (inputs, weight, bias -> poses, coupling, packed_weight, and with record not
-// null what its backward reads). Null, or why it did not run.
+// The weight re-laid out for capsnet_route and capsnet_route_backward (weight -> packed_weight; the batch and the
+// other buffers are not read). An entry point of its own, so that a compiled graph with a constant weight can run it
+// once. Null, or why it did not run.
+extern "C" const char* capsnet_pack_weight(const CapsnetRoutingCall* call) {
+  if (const char* error = invalid_call(call, false)) return error;
+  return run_parallel(call->threads, [&](int thread, int count) { pack_weight_blocks(*call, thread, count); });
+}
+
+// Poses and last couplings of a batch (inputs, packed_weight, bias -> poses, coupling, and with record not null what
+// its backward reads). Null, or why it did not run.
 extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
   if (const char* error = invalid_call(call, false)) return error;
-  if (const char* error =
-          run_parallel(call->threads, [&](int thread, int count) { pack_weight_blocks(*call, thread, count); }))
-    return error;
   if (call->batch == 1 && !call->record && call->threads > 1) {
     std::unique_ptr<TeamSums> team;
     try {
