@@ -255,24 +255,13 @@ def test_exported_model_calls_the_kernel_op(kernel_runs):
     assert kernel_runs == ["capsnet_squash_primary", "capsnet_pack_weight", "capsnet_route"]
 
 
-def route_op(capsules, weight, bias, iterations, leaky, epsilon, detach_inner_votes, keep, bf16_votes, library):
+def route_op(capsules, weight, bias, *settings):
     """The packed weight and the outputs of `route_class_capsules` on `weight` and its `pack_class_capsule_weight`,
-    as `CpuRoutingKernel` calls them."""
+    as `CpuRoutingKernel` calls them; settings: iterations, leaky, epsilon, detach_inner_votes, keep_for_backward,
+    bf16_votes, library."""
+    *_, bf16_votes, library = settings
     packed_weight = torch.ops.capsnet_hf.pack_class_capsule_weight(weight.detach(), bf16_votes, library)
-    outputs = torch.ops.capsnet_hf.route_class_capsules(
-        capsules,
-        weight,
-        packed_weight,
-        bias,
-        iterations,
-        leaky,
-        epsilon,
-        detach_inner_votes,
-        keep,
-        bf16_votes,
-        library,
-    )
-    return packed_weight, outputs
+    return packed_weight, torch.ops.capsnet_hf.route_class_capsules(capsules, weight, packed_weight, bias, *settings)
 
 
 @pytest.mark.parametrize(
