@@ -812,8 +812,8 @@ void input_and_weight_gradients(const Problem& p, int64_t first_vector, int64_t 
     run(p.bf16_votes ? block_input_and_weight_gradients<0, true> : block_input_and_weight_gradients<0, false>);
 }
 
-// packed_weight of input blocks first_vector, first_vector + stride, ... from weight (the forward's), as floats or
-// bf16 pairs; the padding capsules' lanes are zero.
+// packed_weight of input blocks first_vector, first_vector + stride, ... from weight (capsnet_pack_weight), as floats
+// or bf16 pairs; the padding capsules' lanes are zero.
 void pack_weight_blocks(const Problem& p, int64_t first_vector, int64_t stride) {
   const int64_t I = p.inputs_per_example, A = p.input_dim, JK = p.parents * p.pose_dim, JKA = JK * A;
   const int64_t words = p.bf16_votes ? pair_words(p) : A;  // per (block, jk) and lane
@@ -1069,8 +1069,8 @@ extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
 }
 
 // Gradients of capsnet_route's poses and couplings (grad_poses, grad_coupling) w.r.t. the inputs, the weight and the
-// bias (per example), from inputs, bias and what the forward left in packed_weight and record; recomputes the votes.
-// Null, or why it did not run.
+// bias (per example), from inputs, bias, packed_weight (capsnet_pack_weight) and the forward's record; recomputes the
+// votes. Null, or why it did not run.
 extern "C" const char* capsnet_route_backward(const CapsnetRoutingCall* call) {
   if (const char* error = invalid_call(call, true)) return error;
   if (const char* error =
