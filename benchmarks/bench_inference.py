@@ -167,7 +167,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--no-cpu-routing-kernel", dest="cpu_routing_kernel", action="store_false")
     parser.add_argument("--compile", action="store_true", help="also time each routing path under torch.compile")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument(
+        "--compile-mode",
+        choices=list(torch._inductor.list_mode_options()),
+        default=None,
+        help="torch.compile mode (reduce-overhead: CUDA graphs)",
+    )
     parser.add_argument(
         "--freezing", action="store_true", help="inductor freezing for --compile: weights as constants"
     )

@@ -54,7 +54,6 @@ from capsnet_hf.data.splits import load_splits
 from capsnet_hf.training.optimization import create_optimizer
 
 MODES = ("fp32", "bf16", "fp32-compile", "bf16-compile")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MIB = 2**20
 
@@ -200,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the -compile modes")
     parser.add_argument(
         "--compile-mode",
-        choices=COMPILE_MODES,
+        choices=list(torch._inductor.list_mode_options()),
         default="default",
         help="torch.compile mode of the -compile modes (reduce-overhead: CUDA graphs)",
     )

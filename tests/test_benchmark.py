@@ -258,7 +258,7 @@ def test_bench_inference_times_the_compiled_model_with_frozen_weights(tmp_path, 
     assert set(rows) == {"torch", "torch_compiled"}
     assert rows["torch_compiled"]["first_call_s"] > rows["torch_compiled"]["median_ms"] / 1000  # it compiled
     assert "first s" in capsys.readouterr().out
-    for bad in (["--freezing"], ["--compile", "--warmup", "0"]):
+    for bad in (["--freezing"], ["--compile", "--warmup", "0"], ["--compile", "--compile-mode", "fastest"]):
         with pytest.raises(SystemExit) as exit_info:
             inference.main(bad)
         assert exit_info.value.code == 2

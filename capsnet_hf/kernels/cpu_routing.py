@@ -327,9 +327,10 @@ def _(weight, bf16_votes, library):
     return weight.new_empty(_forward_buffer_shapes(_open_library(library), 0, weight, 1, False, bf16_votes)[0])
 
 
-def _checked_packed_weight(kernel: ctypes.CDLL, packed_weight: Tensor, weight: Tensor, bf16_votes: bool) -> Tensor:
+def _checked_packed_weight(
+    packed_weight: Tensor, expected: tuple[int, ...], weight: Tensor, bf16_votes: bool
+) -> Tensor:
     """`packed_weight` as the kernel reads it, or a ValueError if it is not `pack_class_capsule_weight`'s shape."""
-    expected = _forward_buffer_shapes(kernel, 0, weight, 1, False, bf16_votes)[0]
     if packed_weight.shape != expected or packed_weight.dtype != torch.float32:
         raise ValueError(
             f"the packed weight {tuple(packed_weight.shape)} is not pack_class_capsule_weight's for the weight "
@@ -361,10 +362,12 @@ def route_class_capsules(
     the rest stays float32."""
     kernel = _open_library(library)
     inputs, weight, bias = _checked_operands(primary_capsules, weight, bias)
-    packed_weight = _checked_packed_weight(kernel, packed_weight, weight, bf16_votes)
     batch_size, num_inputs, _ = inputs.shape
     _, num_classes, capsule_dim, _ = weight.shape
-    _, record_shape = _forward_buffer_shapes(kernel, batch_size, weight, iterations, keep_for_backward, bf16_votes)
+    packed_shape, record_shape = _forward_buffer_shapes(
+        kernel, batch_size, weight, iterations, keep_for_backward, bf16_votes
+    )
+    packed_weight = _checked_packed_weight(packed_weight, packed_shape, weight, bf16_votes)
     record = inputs.new_empty(record_shape)
     poses = inputs.new_empty(batch_size, num_classes, capsule_dim)
     coupling = inputs.new_empty(batch_size, num_classes, num_inputs)

@@ -840,6 +840,8 @@ void pack_input_blocks(const Problem& p, int64_t first_vector, int64_t stride) {
   }
 }
 
+constexpr const char* kOutOfMemory = "out of memory for the kernel's per-thread buffers";
+
 // Runs body(thread, threads) on `threads` OpenMP threads; returns what one of them threw, or null. An exception must
 // not leave an OpenMP region (nor the C ABI): either ends the process.
 template <typename Body>
@@ -849,7 +851,7 @@ const char* run_parallel(int threads, Body body) {
     try {
       body(thread, count);
     } catch (const std::bad_alloc&) {
-      error = "out of memory for the kernel's per-thread buffers";
+      error = kOutOfMemory;
     } catch (...) {
       error = "unexpected C++ exception in the kernel";
     }
@@ -1060,7 +1062,7 @@ extern "C" const char* capsnet_route(const CapsnetRoutingCall* call) {
     try {
       team = std::make_unique<TeamSums>(*call);
     } catch (const std::bad_alloc&) {
-      return "out of memory for the kernel's per-thread buffers";
+      return kOutOfMemory;
     }
     return run_parallel(call->threads,
                         [&](int thread, int count) { route_one_example_on_team(*call, thread, count, *team); });
