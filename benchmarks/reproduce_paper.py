@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ def machine() -> dict[str, Any]:
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    import accelerate
     import transformers
 
     info = {
@@ -94,6 +96,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -231,6 +234,32 @@ def reproduce(args: argparse.Namespace, train_args: list[str], argv: list[str] |
         "stages": {},
     }
 
+    path = args.json or str(out / "reproduction.json")
+    try:
+        for _ in run_stages(args, capsnet, baseline, planner, out, report["stages"]):
+            write_report(report, path, started)
+    except Exception as error:
+        if report["stages"]:  # keep what finished; a run that fails before any stage leaves nothing
+            report["failed"] = str(error)
+            write_report(report, path, started)
+        raise
+    accuracies = {
+        name: {k: v for k, v in stage.items() if "accuracy" in k} for name, stage in report["stages"].items()
+    }
+    print(json.dumps(accuracies))
+    print(f"wrote {path} in {report['wall_seconds']:.0f} s")
+    return report
+
+
+def run_stages(
+    args: argparse.Namespace,
+    capsnet: list[str],
+    baseline: list[str],
+    planner: Planner,
+    out: Path,
+    stages: dict[str, Any],
+) -> Iterator[str]:
+    """Runs the stages in order, puts each one's figures into `stages` and then yields its name."""
     minutes = planner.minutes_for("mnist")
     mnist_dir = str(out / "capsnet-mnist")
     result = run_training(
@@ -239,12 +268,13 @@ def reproduce(args: argparse.Namespace, train_args: list[str], argv: list[str] |
     )  # fmt: skip
     save_perturbation_figure(mnist_dir, args.data)
     fp32 = evaluate(mnist_dir, args.data, args.data)
-    report["stages"]["mnist"] = {
+    stages["mnist"] = {
         **summary(result, minutes),
         "test_accuracy_fp32": fp32["accuracy"],
         "test_error_percent_fp32": fp32["error_percent"],
         "model_dir": mnist_dir,
     }
+    yield "mnist"
 
     if args.paper_experiments:
         generated = ["--source_dataset_name", args.data, "--augmentation", "none"]
@@ -253,7 +283,8 @@ def reproduce(args: argparse.Namespace, train_args: list[str], argv: list[str] |
             [*capsnet, *generated, "--dataset_name", "multimnist", "--output_dir", str(out / "capsnet-multimnist"),
              "--max_train_minutes", f"{minutes:.3f}"]
         )  # fmt: skip
-        report["stages"]["multimnist"] = {**summary(result, minutes), "metric": "both digits correct (two-target)"}
+        stages["multimnist"] = {**summary(result, minutes), "metric": "both digits correct (two-target)"}
+        yield "multimnist"
         for stage, model_args in (("expanded_capsnet", capsnet), ("expanded_baseline", baseline)):
             minutes = planner.minutes_for(stage)
             model_dir = str(out / stage.replace("_", "-"))
@@ -263,24 +294,22 @@ def reproduce(args: argparse.Namespace, train_args: list[str], argv: list[str] |
                  "--max_train_minutes", f"{minutes:.3f}"]
             )  # fmt: skip
             affnist = evaluate(model_dir, "affnist_style", args.data)
-            report["stages"][stage] = {
+            stages[stage] = {
                 **summary(result, minutes),
                 "affnist_style_accuracy": affnist["accuracy"],
                 "affnist_style_num_examples": affnist["num_examples"],
             }
+            yield stage
 
+
+def write_report(report: dict[str, Any], path: str, started: float) -> None:
+    """The report so far, replaced atomically: after every stage, so that a later stage's failure or the call's time
+    limit keeps the figures of the stages before it."""
     report["wall_seconds"] = time.time() - started
-    path = args.json or str(out / "reproduction.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".partial", "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     os.replace(path + ".partial", path)
-    accuracies = {
-        name: {k: v for k, v in stage.items() if "accuracy" in k} for name, stage in report["stages"].items()
-    }
-    print(json.dumps(accuracies))
-    print(f"wrote {path} in {report['wall_seconds']:.0f} s")
-    return report
 
 
 def _without_capsnet_flags(train_args: list[str]) -> list[str]:

@@ -337,3 +337,38 @@ def test_reproduce_paper_stops_with_the_failing_stage_line(tmp_path, mnist_archi
         "(0.0, inf), got -1.0"
     )
     assert not (tmp_path / "out" / "reproduction.json").exists()
+
+
+def test_gpu_reproduction_script_without_arguments_is_one_line():
+    script = REPO_ROOT / "benchmarks" / "gpu_reproduction.sh"
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "gpu_reproduction.sh: error: usage: gpu_reproduction.sh RESULTS_DIR COMMIT [reproduce_paper.py options]"
+    )
+
+
+def test_reproduce_paper_keeps_the_finished_stages_when_a_later_one_fails(tmp_path, mnist_archive, monkeypatch):
+    """The report is rewritten after every stage: a failure (or the call's time limit) later keeps what finished."""
+    from test_benchmark import load_script
+
+    script = load_script("reproduce_paper")
+    trained = []
+
+    def run_training(argv):
+        if trained:
+            raise script.UsageError("capsnet_hf.train failed: out of memory")
+        trained.append(argv)
+        keys = ("train_steps", "epochs", "train_examples_seen", "train_runtime_seconds", "train_loss_last")
+        return {**dict.fromkeys(keys, 1), "eval_accuracy": 0.5, "eval_error_percent": 50.0, "eval_num_examples": 20}
+
+    monkeypatch.setattr(script, "run_training", run_training)
+    monkeypatch.setattr(script, "save_perturbation_figure", lambda *args: None)
+    monkeypatch.setattr(script, "evaluate", lambda *args: {"accuracy": 0.5, "error_percent": 50.0})
+    output = tmp_path / "out"
+    argv = ["--data", str(mnist_archive), "--output_dir", str(output), "--paper_experiments", "--commit", "abc"]
+    assert script.main(argv) == 2
+    report = json.loads((output / "reproduction.json").read_text())
+    assert list(report["stages"]) == ["mnist"] and report["stages"]["mnist"]["test_accuracy_fp32"] == 0.5
+    assert report["failed"] == "capsnet_hf.train failed: out of memory" and report["wall_seconds"] >= 0
+    assert not (output / "reproduction.json.partial").exists()
