@@ -56,10 +56,15 @@ import torch
 from peers import PeerError, peer_factory, training_loss
 from torch.profiler import ProfilerActivity, profile
 
-from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel
-from capsnet_hf.kernels.cpu_routing import KernelBuildError, cpu_routing_kernel_mode, load_kernel_library
-from capsnet_hf.training.mixed_precision import cpu_native_bf16_features
-from capsnet_hf.training.optimization import create_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package, installed or not
+from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel  # noqa: E402
+from capsnet_hf.kernels.cpu_routing import (  # noqa: E402
+    KernelBuildError,
+    cpu_routing_kernel_mode,
+    load_kernel_library,
+)
+from capsnet_hf.training.mixed_precision import cpu_native_bf16_features  # noqa: E402
+from capsnet_hf.training.optimization import create_optimizer  # noqa: E402
 
 MIB = 2**20
 BF16_VARIANTS = ("conv_fwd", "conv_fwd_bwd", "infer", "infer_kernel", "train", "train_kernel")

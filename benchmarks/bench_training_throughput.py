@@ -46,12 +46,13 @@ import torch
 from bench_capsnet import load_average, open_device, synchronize, write_json
 from torch.profiler import ProfilerActivity, profile
 
-from capsnet_hf import CapsNetConfig, CapsNetForImageClassification
-from capsnet_hf.cli import DataError
-from capsnet_hf.data.batching import BatchTransform, EpochOrder, make_generator
-from capsnet_hf.data.loading import ImageTensorDataset
-from capsnet_hf.data.splits import load_splits
-from capsnet_hf.training.optimization import create_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package, installed or not
+from capsnet_hf import CapsNetConfig, CapsNetForImageClassification  # noqa: E402
+from capsnet_hf.cli import DataError  # noqa: E402
+from capsnet_hf.data.batching import BatchTransform, EpochOrder, make_generator  # noqa: E402
+from capsnet_hf.data.loading import ImageTensorDataset  # noqa: E402
+from capsnet_hf.data.splits import load_splits  # noqa: E402
+from capsnet_hf.training.optimization import create_optimizer  # noqa: E402
 
 MODES = ("fp32", "bf16", "fp32-compile", "bf16-compile")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
