@@ -171,6 +171,12 @@ class CapsNetConfig(DeclaredOptionsConfig):
         "padding of both convolutions, TensorFlow's ('same' puts an odd extra row/column at the bottom/right)",
         architecture=True,
     )
+    primary_routing_scale: bool = option(
+        True,
+        "multiply the primary conv's output by 1/N (1/(N+1) with leaky routing), the coupling of the official code's "
+        "one all-zero routing of the primary capsules; False: the scale starts in the conv's initial weights instead "
+        "(the same initial model), so Adam moves the conv's output N times faster (docs/results.md)",
+    )
     capsule_dim: int = option(16, "dimension of a class capsule", architecture=True)
     routing_iterations: int = option(3, "iterations of routing-by-agreement (Procedure 1 of the paper)")
     leaky_routing: bool = option(

@@ -287,7 +287,8 @@ class CapsNetPrimaryCapsules(nn.Module):
     """PrimaryCaps: a strided conv whose N*A channels form N capsule types of dimension A, squashed.
 
     As in the official code (which routes them once with all-zero logits), the conv output is multiplied by the
-    softmax weight 1/N (1/(N+1) with leaky routing) before the unscaled bias [N, A] is added.
+    softmax weight 1/N (1/(N+1) with leaky routing) before the unscaled bias [N, A] is added; with
+    `primary_routing_scale=False` that factor `official_scale` is in the conv's initial weights instead.
     [B, C1, H1, W1] -> [B, N*H*W, A], flattened type-major: i = type*H*W + y*W + x.
 
     Everything after the conv is done by the `squash_kernel` when one is attached and `supports(conv output)` (None
@@ -308,7 +309,8 @@ class CapsNetPrimaryCapsules(nn.Module):
             bias=False,
         )
         self.bias = nn.Parameter(torch.empty(self.num_types, self.capsule_dim))
-        self.routing_scale = 1.0 / (self.num_types + int(config.leaky_routing))
+        self.official_scale = 1.0 / (self.num_types + int(config.leaky_routing))
+        self.routing_scale = self.official_scale if config.primary_routing_scale else 1.0
         self.squash_kernel = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -481,7 +483,9 @@ class CapsNetPreTrainedModel(PreTrainedModel):
             truncated_normal(module.weight, config.conv1_initializer_range)
             init.constant_(module.bias, config.bias_init)
         elif isinstance(module, CapsNetPrimaryCapsules):
-            truncated_normal(module.conv.weight, config.initializer_range)
+            # Without the scale in the forward, its factor goes into the weights: the same initial model either way.
+            std = config.initializer_range * module.official_scale / module.routing_scale
+            truncated_normal(module.conv.weight, std)
             init.constant_(module.bias, config.bias_init)
         elif isinstance(module, CapsNetClassCapsules):
             truncated_normal(module.weight, config.initializer_range)

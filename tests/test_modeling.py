@@ -262,3 +262,24 @@ def test_official_initialisation():
     assert member.conv1.weight.abs().max() <= 0.1 + 1e-6  # truncated at 2 std = 0.1
     assert member.class_capsules.weight.abs().max() <= 0.2 + 1e-6
     assert math.isclose(member.class_capsules.weight.std().item(), 0.088, abs_tol=0.003)  # 0.1 * 0.88 (truncation)
+
+
+@pytest.mark.parametrize("leaky", [False, True], ids=["softmax", "leaky"])
+def test_unscaled_primary_capsules_start_as_the_official_model(leaky):
+    """`primary_routing_scale=False` moves the 1/N from the forward into the primary conv's initial weights: from the
+    same seed, the same parameters but that conv's, and the same outputs."""
+    models = []
+    for scaled in (True, False):
+        torch.manual_seed(0)
+        config = small_config(leaky_routing=leaky, primary_routing_scale=scaled)
+        models.append(CapsNetForImageClassification(config).eval())
+    official, unscaled = models
+    scale = official.capsnet.members[0].primary_capsules.routing_scale
+    assert scale == 1 / (2 + leaky) and unscaled.capsnet.members[0].primary_capsules.routing_scale == 1.0
+    for (name, expected), (_, actual) in zip(official.named_parameters(), unscaled.named_parameters(), strict=True):
+        if name.endswith("primary_capsules.conv.weight"):
+            expected = expected * scale
+        torch.testing.assert_close(actual, expected, msg=name)
+    pixels = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(unscaled(pixels).logits, official(pixels).logits)

@@ -45,7 +45,8 @@ def reference_capsnet(member: torch.nn.Module, config, pixels: torch.Tensor):
     hidden = F.conv2d(tf_pad(features, k2, stride, config.padding), primary.conv.weight, stride=stride)
     types, atoms = config.primary_capsule_types, config.primary_capsule_dim
     # Official code: PrimaryCaps go through one routing step with zero logits -> softmax weight 1/N (1/(N+1) leaky).
-    hidden = hidden / (types + (1 if config.leaky_routing else 0))
+    if config.primary_routing_scale:
+        hidden = hidden / (types + (1 if config.leaky_routing else 0))
     batch, _, height, width = hidden.shape
     hidden = hidden.reshape(batch, types, atoms, height, width) + primary.bias[None, :, :, None, None]
     # i = type * H * W + y * W + x
@@ -182,6 +183,19 @@ def test_cpu_routing_kernel_matches_reference(padding, leaky, iterations, routin
 @pytest.mark.parametrize("routing_bias", [True, False], ids=["bias", "no_bias"])
 def test_detached_inner_votes_and_no_bias_match_reference(routing_bias, mode):
     model, config = build(mode, detach_inner_votes=True, routing_bias=routing_bias, routing_iterations=3)
+    member = model.members[0]
+    actual = outputs_and_gradients(model, model_forward(model), PIXELS)
+    expected = outputs_and_gradients(model, lambda x: reference_capsnet(member, config, x), PIXELS)
+    assert_close_dicts(actual[0], expected[0])
+    assert_close_dicts(actual[1], expected[1])
+
+
+@pytest.mark.parametrize("mode", ["whole", "kernel"])
+@pytest.mark.parametrize("leaky", [False, True], ids=["softmax", "leaky"])
+def test_unscaled_primary_capsules_match_reference(leaky, mode):
+    """`primary_routing_scale=False`: no 1/N on the primary conv's output, on the torch path and in the kernel."""
+    model, config = build(mode, primary_routing_scale=False, leaky_routing=leaky, routing_iterations=3)
+    assert model.members[0].primary_capsules.routing_scale == 1.0
     member = model.members[0]
     actual = outputs_and_gradients(model, model_forward(model), PIXELS)
     expected = outputs_and_gradients(model, lambda x: reference_capsnet(member, config, x), PIXELS)

@@ -235,6 +235,7 @@ def build_config(
         routing_iterations=ROUTING_ITERATIONS,
         leaky_routing=preset.leaky_routing,
         routing_bias=True,
+        primary_routing_scale=True,
         use_decoder=use_decoder,
         num_ensemble_members=num_members,
         **decoder_kwargs,
