@@ -64,7 +64,7 @@ def render_trained_model_card(
     from huggingface_hub import EvalResult
 
     from .configuration_capsnet import changed_options
-    from .training.recipes import RECIPES
+    from .training.recipes import RECIPE_DESCRIPTIONS, RECIPES
 
     dataset = args["dataset_name"]
     dataset_id = hub_dataset_id(args)
@@ -144,6 +144,7 @@ def render_trained_model_card(
         "num_processes": train_results.get("num_processes", 1),
         "device": train_results.get("device", "cpu"),
         "recipe": args.get("recipe"),
+        "recipe_description": RECIPE_DESCRIPTIONS.get(args.get("recipe")),
         "recipe_epochs": RECIPES[args["recipe"]]["training"]["num_train_epochs"] if args.get("recipe") else None,
     }
     return render_model_card("trained_capsnet", fields, card_data)

@@ -9,6 +9,7 @@ from test_train import fresh_accelerate_state, tiny_args  # noqa: F401  (fixture
 
 from capsnet_hf import hub
 from capsnet_hf.train import train
+from capsnet_hf.training.recipes import RECIPE_DESCRIPTIONS, RECIPES
 
 
 class FakeHfApi:
@@ -98,21 +99,35 @@ def test_train_push_to_hub_publishes_the_model_folder_with_our_card(tmp_path, fa
     assert 'from_pretrained("org/tiny-capsnet")' in card.text and "--push_to_hub" in card.text
 
 
-def test_trained_card_lists_the_options_that_differ_from_the_defaults():
-    from capsnet_hf import CapsNetConfig
-
+def trained_card_text(config, **args) -> str:
+    """The text of the card of a one-step training run on ylecun/mnist with `config` and these extra arguments."""
     args = {
         "dataset_name": "ylecun/mnist", "output_dir": "out/capsnet", "learning_rate": 1e-3, "lr_decay_rate": 0.96,
         "lr_decay_steps": 2000, "min_learning_rate": 1e-6, "per_device_train_batch_size": 128,
-        "gradient_accumulation_steps": 1, "seed": 0, "command": "capsnet-train ...",
+        "gradient_accumulation_steps": 1, "seed": 0, "command": "capsnet-train ...", **args,
     }  # fmt: skip
     train_results = {"train_steps": 1, "epochs": 0.1, "train_examples_seen": 128, "train_runtime_seconds": 1.0}
     eval_results = {"eval_accuracy": 0.5, "eval_error_percent": 50.0}
+    return hub.render_trained_model_card(args, config, train_results, eval_results, 128, 469, 1).text
 
-    def card(config):
-        return hub.render_trained_model_card(args, config, train_results, eval_results, 128, 469, 1).text
 
-    changed = card(CapsNetConfig(routing_iterations=2, padding="same", id2label={i: str(i) for i in range(10)}))
+def test_trained_card_lists_the_options_that_differ_from_the_defaults():
+    from capsnet_hf import CapsNetConfig
+
+    changed = trained_card_text(
+        CapsNetConfig(routing_iterations=2, padding="same", id2label={i: str(i) for i in range(10)})
+    )
     rows = [line for line in changed.splitlines() if line.startswith("| `")]
     assert rows == ["| `padding` | same | valid |", "| `routing_iterations` | 2 | 3 |"]
-    assert "every option at its default" in card(CapsNetConfig(id2label={i: str(i) for i in range(10)}))
+    assert "every option at its default" in trained_card_text(CapsNetConfig(id2label={i: str(i) for i in range(10)}))
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_trained_card_says_what_its_recipe_is(recipe):
+    from capsnet_hf import CapsNetConfig
+
+    text = " ".join(trained_card_text(CapsNetConfig(), recipe=recipe).split())
+    epochs = RECIPES[recipe]["training"]["num_train_epochs"]
+    assert (
+        f"The `--recipe {recipe}` preset is {RECIPE_DESCRIPTIONS[recipe]}; its full run trains {epochs} epochs" in text
+    )

@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsnet-train", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     # Presets.
-    add("--recipe", choices=sorted(RECIPES), default=None, help="official training preset (overridable)")
+    add(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="training preset (overridable): the official mnist or cifar10, or mnist_fast for short budgets",
+    )
     add("--config_file", default=None, help="YAML/JSON file of argument values (over the recipe, under the CLI)")
     # Data.
     add(

@@ -80,6 +80,15 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 SECTIONS = ("model", "training")
+# What each recipe is, in the words of the model card it trains ("The `--recipe mnist` preset is ...").
+RECIPE_DESCRIPTIONS = {
+    "mnist": "the official TensorFlow training code released with the paper",
+    "mnist_fast": (
+        "the official MNIST training changed for short budgets (Eq. 4 at the paper's scale, the learning rate decayed "
+        "0.9x per epoch)"
+    ),
+    "cifar10": "the official TensorFlow training code released with the paper (one model of its CIFAR-10 ensemble)",
+}
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
