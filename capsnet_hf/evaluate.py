@@ -20,15 +20,17 @@ from typing import Any
 import torch
 
 from .cli import (
+    CPU_KEEP_FREED_MEMORY_HELP,
     CPU_THREADS_HELP,
     DataError,
     UsageError,
     cpu_threads_choice,
     end_processes,
     load_model_and_processor,
+    parse_bool,
     positive_int,
     run_command,
-    threads_and_precision,
+    settle_cpu_and_precision,
     write_aside,
 )
 from .data.batching import BatchTransform
@@ -163,6 +165,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help=CPU_THREADS_HELP,
     )
+    parser.add_argument(
+        "--cpu_keep_freed_memory", type=parse_bool, default=True, metavar="BOOL", help=CPU_KEEP_FREED_MEMORY_HELP
+    )
     parser.add_argument("--output_file", default=None, help="also write the JSON metrics here")
     args = parser.parse_args(argv)
     try:
@@ -199,7 +204,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     paths = args.ensemble or [args.model_name_or_path]
-    precision, notes = threads_and_precision(args.cpu_threads, args.mixed_precision)
+    precision, notes = settle_cpu_and_precision(args)
     accelerator = Accelerator(mixed_precision=precision)
     if accelerator.is_main_process:
         print("\n".join(notes), file=sys.stderr)  # stdout is the JSON

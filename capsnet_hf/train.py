@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .cli import UsageError, end_processes, lock_output_dir, run_command, threads_and_precision
+from .cli import UsageError, end_processes, lock_output_dir, run_command, settle_cpu_and_precision
 from .data.batching import BatchTransform, EpochOrder, make_generator
 from .data.splits import load_splits
 from .kernels.cpu_routing import KernelBuildError, use_cpu_routing_kernel
@@ -139,10 +139,10 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def create_accelerator(args):
     """The Accelerator of the run, in the precision `--mixed_precision` resolves to (recorded in `args`), after
-    `--cpu_threads` has set torch's threads."""
+    `--cpu_threads` has set torch's threads (and `--cpu_keep_freed_memory` the allocator)."""
     from accelerate import Accelerator
 
-    precision, notes = threads_and_precision(args.cpu_threads, args.mixed_precision)
+    precision, notes = settle_cpu_and_precision(args)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

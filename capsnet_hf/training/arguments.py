@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, get_args
 
-from ..cli import CPU_THREADS_HELP, UsageError, cpu_threads_choice, parse_bool
+from ..cli import CPU_KEEP_FREED_MEMORY_HELP, CPU_THREADS_HELP, UsageError, cpu_threads_choice, parse_bool
 from ..configuration_capsnet import CapsNetConfig, model_options, option_kind
 from ..data.splits import PAPER_DATASETS
 from ..kernels.cpu_routing import cpu_routing_kernel_mode
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help=CPU_THREADS_HELP,
     )
+    add("--cpu_keep_freed_memory", type=parse_bool, default=True, metavar="BOOL", help=CPU_KEEP_FREED_MEMORY_HELP)
     # Output, checkpoints, logging.
     add("--output_dir", required=True)
     add("--overwrite_output_dir", action="store_true", help="replace a different model already in --output_dir")
