@@ -1,6 +1,6 @@
 """What the four commands share: one error type and exit convention, one boolean parser, the CPU thread count and
-allocator, the end of a multi-process run, model loading, and the files they write (the usual modes, written aside then renamed, an
-output folder locked against a second run)."""
+allocator, the end of a multi-process run, model loading, and the files they write (the usual modes, written aside
+then renamed, an output folder locked against a second run)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ GLIBC_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "M
 
 
 def keep_freed_cpu_memory(enabled: bool, device: Any) -> str | None:
-    """Apply `--cpu_keep_freed_memory` when running on the CPU; returns a line for the log, or None when nothing changed.
+    """Apply `--cpu_keep_freed_memory` when running on the CPU; returns a line for the log, or None if nothing changed.
 
     By default glibc serves every block above its mmap threshold (at most 32 MB) with fresh pages from the kernel and
     unmaps them when freed, and trims the heap's free top; a training step frees and reallocates the same 10-50 MB
@@ -117,7 +117,7 @@ def keep_freed_cpu_memory(enabled: bool, device: Any) -> str | None:
     ):
         return None  # the user's own malloc settings
     libc = ctypes.CDLL(None)
-    largest = 2**31 - 1  # mallopt takes an int; glibc before 2.35 refuses mmap thresholds above 32 MB
+    largest = 2**31 - 1  # mallopt takes an int; some glibc versions cap the mmap threshold at 32 MB
     libc.mallopt(M_MMAP_THRESHOLD, largest) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, largest)
     libc.mallopt(M_TOP_PAD, 128 << 20)  # grow the heap in large steps: fewer brk calls while it reaches its peak
