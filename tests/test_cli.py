@@ -221,8 +221,9 @@ def test_cpu_threads_auto_leaves_other_settings_alone(monkeypatch, torch_threads
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 REALLOCATION_FAULTS = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from capsnet_hf.cli import keep_freed_cpu_memory
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KB pages, whatever the host's transparent huge pages
 note = keep_freed_cpu_memory(sys.argv[1] == "keep", "cpu")
 for _ in range(5):  # while the heap grows to hold it
     torch.empty(16 << 20).fill_(1.0)  # 64 MB: above glibc's largest dynamic mmap threshold
