@@ -30,6 +30,8 @@ training step, plain and with the memory saver: the peak of tensor memory alloca
 live before it (from the profiler's allocation records on CPU, ``torch.cuda.max_memory_allocated`` on CUDA; it
 includes the step's new parameter gradients), and the bytes autograd saved for backward (distinct storages other than
 the parameters, seen by ``torch.autograd.graph.saved_tensors_hooks``). ``--memory-only`` skips the timings.
+``--cpu-keep-freed-memory`` first sets glibc's malloc as ``capsnet-train`` does by default
+(``capsnet_hf.cli.keep_freed_cpu_memory``), so that bound and variants run under the commands' allocator.
 
 Example:
     python benchmarks/bench_capsnet.py --device cpu --threads 2 --batch-size 32 128 --image-size 28 40 64 \
@@ -58,6 +60,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package, installed or not
 from capsnet_hf import CapsNetConfig, CapsNetForImageClassification, enable_cpu_routing_kernel  # noqa: E402
+from capsnet_hf.cli import keep_freed_cpu_memory  # noqa: E402
 from capsnet_hf.kernels.cpu_routing import (  # noqa: E402
     KernelBuildError,
     cpu_routing_kernel_mode,
@@ -467,6 +470,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=FILE:EXPRESSION",
         help=f"also time a peer implementation's training step, at {PEER_IMAGE_SIZE} px only (peers.py)",
     )
+    parser.add_argument(
+        "--cpu-keep-freed-memory",
+        action="store_true",
+        help="have glibc's malloc keep freed memory for reuse, as capsnet-train and capsnet-eval do by default "
+        "(--cpu_keep_freed_memory); without it glibc's defaults, as in the runs before the twentieth session",
+    )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
     try:
@@ -488,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     device = open_device(args.device, args.threads)
     if device is None:
         return 2
+    if args.cpu_keep_freed_memory:
+        print(keep_freed_cpu_memory(True, device) or "CPU memory: glibc's malloc left as it is", file=sys.stderr)
     if args.cpu_routing_kernel != "false":
         try:
             load_kernel_library()  # build it before the timings

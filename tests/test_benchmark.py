@@ -60,6 +60,25 @@ def test_one_small_case_writes_every_timing_and_memory(bench, tmp_path, capsys):
     assert "train_plain_adam" in printed and "kernel MiB" in printed
 
 
+def test_cpu_keep_freed_memory_sets_the_commands_allocator_before_the_timings(bench, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def keep_freed_cpu_memory(enabled, device):
+        calls.append((enabled, device.type, len(calls)))
+        return "CPU memory: kept"
+
+    monkeypatch.setattr(bench, "keep_freed_cpu_memory", keep_freed_cpu_memory)
+    monkeypatch.setattr(bench, "bench_case", lambda *args: calls.append("timed") or {"times": {}})
+    monkeypatch.setattr(bench, "print_table", lambda results: None)
+    argv = [*KERNEL_CASE, "--cpu-routing-kernel", "false"]
+    assert bench.main(argv) == 0 and calls == ["timed"]
+    calls.clear()
+    assert bench.main([*argv, "--cpu-keep-freed-memory", "--json", str(tmp_path / "r.json")]) == 0
+    assert calls == [(True, "cpu", 0), "timed"]
+    assert "CPU memory: kept" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["args"]["cpu_keep_freed_memory"] == "True"
+
+
 def test_rounds_are_timed_in_shuffled_orders(bench):
     calls = []
     functions = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
