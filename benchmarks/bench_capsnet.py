@@ -498,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     if device is None:
         return 2
     if args.cpu_keep_freed_memory:
-        print(keep_freed_cpu_memory(True, device) or "CPU memory: glibc's malloc left as it is", file=sys.stderr)
+        note = keep_freed_cpu_memory(True, device)
+        print(
+            note or "CPU memory: malloc left as it is (not glibc, or the user's own malloc settings)", file=sys.stderr
+        )
     if args.cpu_routing_kernel != "false":
         try:
             load_kernel_library()  # build it before the timings
